@@ -1,0 +1,139 @@
+"""`mmtrain shards build | inspect`: argument parsing only; the work is in mmtrain.data."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+from mmtrain.data.formats import FORMATS
+from mmtrain.data.tasks import TASKS
+from mmtrain.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    shards = subparsers.add_parser("shards", help="build and inspect WebDataset shards")
+    sub = shards.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
+
+    build = sub.add_parser("build", help="catalog (or LLaVA / Alpaca / ShareGPT file) → tar shards + manifest")
+    source = build.add_argument_group("source: a catalog with its spec, or an open-domain file with --format")
+    source.add_argument("--spec", help="catalog spec YAML (shards/catalogs/*.yaml)")
+    source.add_argument("--catalog", help="catalog file (CSV or JSONL, as the spec says)")
+    source.add_argument("--format", choices=FORMATS, help="open-domain input format instead of a catalog")
+    source.add_argument("--input", help="the open-domain JSON / JSONL file (with --format)")
+    build.add_argument("--images", help="folder that image paths are relative to (default: the input's folder)")
+    build.add_argument("--out", required=True, help="output folder (written aside and renamed when complete)")
+    build.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="catalog tasks to build")
+    build.add_argument("--per-task", type=int, default=1, help="samples per product and task")
+    build.add_argument("--text-only", action="store_true", help="text-only variants: the product's text, no image")
+    build.add_argument("--val-fraction", type=float, default=0.05, help="share of products in the val split")
+    build.add_argument("--seed", type=int, default=0, help="phrasing seed (same seed → byte-identical shards)")
+    build.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    build.add_argument("--image-size", type=int, default=448, help="longest image side (downscale only)")
+    build.add_argument("--workers", type=int, default=1, help="image re-encoding processes")
+    build.add_argument("--max-reject-fraction", type=float, default=0.05,
+                       help="exit non-zero when more rows than this are rejected")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=run_build)
+
+    inspect = sub.add_parser("inspect", help="print a shard set's manifest, samples, or rendered masks")
+    inspect.add_argument("dir", help="shard folder (holds manifest.json)")
+    inspect.add_argument("--split", default="train", help="split to read samples from")
+    inspect.add_argument("--samples", type=int, default=0, help="print N decoded samples")
+    inspect.add_argument("--render", type=int, default=0,
+                         help="print N samples through the chat template, masked (unlearned) parts in [[...]]")
+    inspect.add_argument("--tokenizer", help="tokenizer directory for --render")
+    inspect.add_argument("--template", default="owl", help="chat template for --render")
+    inspect.add_argument("--slots", type=int, default=1, help="slots per image for --render")
+    inspect.set_defaults(func=run_inspect)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from mmtrain.data.build import build_from_catalog, build_from_format
+    from mmtrain.data.writer import BuildOptions
+
+    options = BuildOptions(out=Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
+                           shard_size=args.shard_size, image_size=args.image_size, workers=args.workers,
+                           max_reject_fraction=args.max_reject_fraction, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    if args.format:
+        if not args.input or args.spec or args.catalog:
+            raise UserError("--format needs --input (and takes no --spec / --catalog)")
+        summary = build_from_format(args.format, args.input, args.images, options)
+    else:
+        if not (args.spec and args.catalog):
+            raise UserError("give --spec and --catalog, or --format and --input")
+        summary = build_from_catalog(args.spec, args.catalog, args.images, options, args.tasks, args.per_task,
+                                     args.text_only)
+    print_manifest(summary.manifest)
+    if summary.rejects:
+        print(f"rejected {sum(summary.rejects.values())} of {summary.rows} rows: "
+              + ", ".join(f"{reason} {n}" for reason, n in sorted(summary.rejects.items()))
+              + f"  (see {summary.out / 'rejects.jsonl'})")
+    if summary.reject_fraction > args.max_reject_fraction:
+        raise UserError(f"{summary.reject_fraction:.1%} of rows rejected, more than --max-reject-fraction "
+                        f"{args.max_reject_fraction:.1%}; the good rows are in {summary.out}, the rest in "
+                        f"{summary.out / 'rejects.jsonl'}")
+    return 0
+
+
+def print_manifest(manifest: dict[str, Any], file=sys.stdout) -> None:
+    splits = manifest["splits"]
+    tasks = sorted({t for s in splits.values() for t in s["tasks"]})
+    header = ["split", "shards", "products", "samples", "images"] + tasks
+    rows = [[name, len(s["shards"]), s.get("products", ""), s["samples"], s["images"]]
+            + [s["tasks"].get(t, 0) for t in tasks] for name, s in splits.items()]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for line in [header] + rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)), file=file)
+    print(f"rows read {manifest.get('rows')}, rejects {manifest.get('rejects') or 'none'}, seed {manifest.get('seed')}, "
+          f"mmtrain {manifest.get('tool_version')}", file=file)
+
+
+def iter_shard_samples(folder: Path, split: str) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one split in shard order, read with webdataset as the loader reads them."""
+    import webdataset as wds
+
+    from mmtrain.data.writer import read_manifest
+
+    manifest = read_manifest(folder)
+    if split not in manifest["splits"]:
+        raise UserError(f"{folder}: no split {split!r} (have {list(manifest['splits'])})")
+    urls = [str(folder / s["name"]) for s in manifest["splits"][split]["shards"]]
+    if not urls:
+        return
+    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        record = json.loads(raw["json"])
+        record["images"] = [raw[k] for k in sorted((k for k in raw if k.endswith(".jpg")), key=lambda k: int(k[:-4]))]
+        yield record
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from mmtrain.data.writer import read_manifest
+
+    folder = Path(args.dir)
+    print_manifest(read_manifest(folder))
+    for record in islice(iter_shard_samples(folder, args.split), args.samples):
+        sizes = [Image.open(io.BytesIO(b)).size for b in record["images"]]
+        print(f"\n--- {record['key']}  task={record['task']}  source={record['source']}  images={sizes}")
+        for turn in record["conversation"]:
+            print(f"[{turn['role']}] {turn['content']}")
+    if args.render:
+        if not args.tokenizer:
+            raise UserError("--render needs --tokenizer DIR")
+        from transformers import AutoTokenizer
+
+        from mmtrain.data.template import render_masked
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        for record in islice(iter_shard_samples(folder, args.split), args.render):
+            print(f"\n--- {record['key']}  (text in [[...]] carries no label)")
+            print(render_masked(tokenizer, args.template, record["conversation"], args.slots))
+    return 0

@@ -1,0 +1,56 @@
+"""The two ways into shards: a product catalog + spec (the five product tasks), or an open-domain instruction file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from mmtrain.data.catalog import CatalogSpec, Product, read_catalog
+from mmtrain.data.formats import read_format
+from mmtrain.data.records import Reject, WorkItem
+from mmtrain.data.tasks import TASKS, product_samples
+from mmtrain.data.writer import BuildOptions, BuildSummary, build_shards
+from mmtrain.errors import UserError
+
+
+def catalog_items(catalog: str | Path, spec: CatalogSpec, images: str | Path | None, tasks: Sequence[str],
+                  per_task: int, seed: int, text_only: bool) -> Iterator[WorkItem | Reject]:
+    """One WorkItem per good product (its task samples share its images); text-only items carry no images."""
+    for entry in read_catalog(catalog, spec, images, need_images=not text_only):
+        if isinstance(entry, Reject):
+            yield entry
+            continue
+        product: Product = entry
+        samples = tuple(product_samples(product, tasks, per_task, seed, text_only))
+        images_of_item = () if text_only else product.image_paths
+        yield WorkItem(product.product_id, images_of_item, samples, product.row, str(catalog))
+
+
+def _count_rows(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as fh:
+            return max(sum(1 for _ in fh) - 1, 0)
+    except OSError:
+        return None
+
+
+def build_from_catalog(spec_path: str | Path, catalog: str | Path, images: str | Path | None,
+                       options: BuildOptions, tasks: Sequence[str] = TASKS, per_task: int = 1,
+                       text_only: bool = False) -> BuildSummary:
+    spec = CatalogSpec.from_yaml(spec_path)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"unknown tasks {unknown}; known: {list(TASKS)}")
+    if per_task < 1:
+        raise UserError("--per-task must be ≥ 1")
+    items = catalog_items(catalog, spec, images, tasks, per_task, options.seed, text_only)
+    meta = {"source": {"kind": "catalog", "catalog": str(catalog), "images": str(images) if images else None,
+                       "spec": spec.to_json(), "tasks": list(tasks), "per_task": per_task, "text_only": text_only}}
+    return build_shards(items, options, meta, total=_count_rows(Path(catalog)) if spec.format == "csv" else None)
+
+
+def build_from_format(fmt: str, input_path: str | Path, images: str | Path | None,
+                      options: BuildOptions) -> BuildSummary:
+    meta = {"source": {"kind": "format", "format": fmt, "input": str(input_path),
+                       "images": str(images) if images else None}}
+    return build_shards(read_format(fmt, input_path, images), options, meta)

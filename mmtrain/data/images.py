@@ -1,0 +1,134 @@
+"""Image preprocessing with the vision tower's own settings: resize (shortest side + centre crop, or pad to square),
+normalize with its mean/std. Train-time augmentation is off by default: flips mirror the text and logos that tell
+products apart, so they are a separate switch that stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How pixels reach the vision tower."""
+
+    size: int = 224
+    """Output height and width."""
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resize: str = "shortest"
+    """`shortest`: scale the shortest side to `size`, centre-crop (CLIP); `pad`: pad to a square with the mean
+    colour, then scale (keeps the whole product in view)."""
+    augment: bool = False
+    """Random resized crop (scale 0.8–1) seeded per sample, so resumed runs see the same pixels."""
+    hflip: bool = False
+    """Random horizontal flip (only with augment). Off: flips break text and logos on products."""
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("shortest", "pad"):
+            raise ValueError(f"resize must be 'shortest' or 'pad', got {self.resize!r}")
+        if self.size < 1:
+            raise ValueError(f"size must be positive, got {self.size}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.size, self.size)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "ImageConfig":
+        """Read mean/std/size from a HF `preprocessor_config.json` (a file, or the directory holding it)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "preprocessor_config.json"
+        cfg = json.loads(p.read_text())
+        size = cfg.get("crop_size") or cfg.get("size") or cls.size
+        if isinstance(size, dict):
+            size = size.get("height") or size.get("shortest_edge") or next(iter(size.values()))
+        kwargs = {"size": int(size), "mean": tuple(cfg.get("image_mean", CLIP_MEAN)),
+                  "std": tuple(cfg.get("image_std", CLIP_STD))}
+        if cfg.get("do_pad") or cfg.get("image_aspect_ratio") == "pad":
+            kwargs["resize"] = "pad"
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode JPEG/PNG bytes to RGB. With `draft_size`, JPEG decoding scales down in the DCT when the image is
+    at least twice that size (much faster, same result after the resize)."""
+    img = Image.open(io.BytesIO(data))
+    if draft_size is not None and img.format == "JPEG":
+        img.draft("RGB", (draft_size, draft_size))
+    return img.convert("RGB")
+
+
+def resize_image(img: Image.Image, cfg: ImageConfig, rng: random.Random | None = None) -> Image.Image:
+    """Resize to `cfg.size` square the way `cfg.resize` says, with the optional seeded augmentation."""
+    s = cfg.size
+    if cfg.resize == "pad":
+        side = max(img.size)
+        fill = tuple(int(round(m * 255)) for m in cfg.mean)
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = canvas
+    w, h = img.size
+    if cfg.augment and rng is not None:
+        scale = rng.uniform(0.8, 1.0)
+        cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        img = img.crop((x, y, x + cw, y + ch))
+        if cfg.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        w, h = img.size
+    ratio = s / min(w, h)
+    nw, nh = max(s, round(w * ratio)), max(s, round(h * ratio))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - s) // 2, (nh - s) // 2
+    if (nw, nh) != (s, s):
+        img = img.crop((left, top, left + s, top + s))
+    return img
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB image → uint8 tensor [3, H, W] (4× smaller than float to pass between processes)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize_batch(pixels: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:
+    """uint8 [..., 3, H, W] → float, scaled to [0, 1] then normalized with the tower's mean/std; one vectorized
+    op per batch instead of one per image."""
+    mean = torch.tensor(cfg.mean).view(3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(cfg.std).view(3, 1, 1) * 255.0)
+    return pixels.float().sub_(mean).mul_(inv_std)
+
+
+def normalize(img: Image.Image, cfg: ImageConfig) -> torch.Tensor:
+    """RGB image → normalized float tensor [3, H, W]."""
+    return normalize_batch(to_uint8(img), cfg)
+
+
+def preprocess(data: bytes, cfg: ImageConfig, rng: random.Random | None = None) -> torch.Tensor:
+    """JPEG bytes → normalized [3, size, size] float tensor."""
+    return normalize(resize_image(decode_image(data, draft_size=cfg.size), cfg, rng), cfg)
+
+
+def preprocess_uint8(data: bytes, cfg: ImageConfig, rng: random.Random | None = None) -> torch.Tensor:
+    """JPEG bytes → resized uint8 [3, size, size]; normalize later, per batch, with `normalize_batch`."""
+    return to_uint8(resize_image(decode_image(data, draft_size=cfg.size), cfg, rng))
+
+
+def sample_rng(key: str, epoch: int, seed: int) -> random.Random:
+    """Per-sample augmentation RNG: same key, epoch and seed → same crop, whatever rank or worker reads it."""
+    return random.Random(f"{seed}:{epoch}:{key}")

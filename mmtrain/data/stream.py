@@ -1,0 +1,301 @@
+"""Streaming loader: shard sets → per-(rank, worker) sample streams → mixed → templated → collated batches.
+
+The only data module that knows about ranks. Stages, in order (each a small function or class):
+  plan (plan.py: shard order per epoch, split by rank × worker) → read (shardio.py: seek into tar shards, webdataset
+  grouping/decoding) → cursor (cursor.py: block shuffle, exact position) → mix (seeded, counter-based draws by
+  weight) → decode images + render template (drop and count samples with nothing to learn) → batch → collate/pack.
+
+Every slot (rank × worker) yields exactly `samples_per_slot` samples per epoch in the same number of batches, so
+every rank takes the same number of steps whatever the shard sizes, drops or filters. See docs/loader.md.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmtrain.data import collate as collate_mod
+from mmtrain.data.collate import Example
+from mmtrain.data.cursor import SourceCursor, fresh_position
+from mmtrain.data.images import ImageConfig, normalize_batch, preprocess_uint8, sample_rng
+from mmtrain.data.plan import Source, make_sources, samples_per_slot
+from mmtrain.data.shardio import ShardReader
+from mmtrain.data.template import Renderer, SampleDropped
+from mmtrain.errors import UserError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+STATE_VERSION = 1
+
+
+@dataclass
+class LoaderConfig:
+    """Every knob of the streaming loader, with its default."""
+
+    data: Any
+    """One shard-set directory / manifest, or a mixture: a list of `{shards: DIR | [DIR...], weight: float}`."""
+    num_image_slots: int
+    """Placeholder tokens per image, from the model (abstractor 65, cross-attention 1, layer-wise K)."""
+    template: str = "owl"
+    split: str = "train"
+    batch_size: int = 8
+    """Samples per step on each rank (packed or not)."""
+    max_length: int = 2048
+    truncate: bool = True
+    """Cut longer samples (dropped if no label survives); False: drop every sample longer than max_length."""
+    mode: str = "exact"
+    """`exact`: each sample once per epoch; `resampled`: endless seeded shard draws (needs samples_per_epoch)."""
+    samples_per_epoch: int | None = None
+    """Samples per epoch over all ranks; default one pass over a single source, or the mixture's total."""
+    uneven: str = "pad"
+    """When samples do not divide over ranks × workers: `pad` repeats a few (flagged `filler`), `trim` drops them."""
+    drop_last: bool = False
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    pack: bool = False
+    pad_to_multiple: int = 8
+    num_workers: int = 2
+    image: ImageConfig = field(default_factory=ImageConfig)
+    on_error: str = "raise"
+    """`raise` on an unreadable sample (message names shard and key) or `warn`, skip and count it."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "resampled"):
+            raise UserError(f"loader mode must be 'exact' or 'resampled', got {self.mode!r}")
+        if self.uneven not in ("pad", "trim"):
+            raise UserError(f"uneven must be 'pad' or 'trim', got {self.uneven!r}")
+        if self.on_error not in ("raise", "warn"):
+            raise UserError(f"on_error must be 'raise' or 'warn', got {self.on_error!r}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise UserError("batch_size must be >= 1 and num_workers >= 0")
+
+
+def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit rank/world size, defaulting from torch.distributed when it is initialized, else (0, 1)."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank() if rank is None else rank
+            world_size = torch.distributed.get_world_size() if world_size is None else world_size
+        else:
+            rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    return rank, world_size
+
+
+class Plan:
+    """Epoch arithmetic shared by every slot: counts are computed from manifests before reading a byte."""
+
+    def __init__(self, cfg: LoaderConfig, sources: list[Source], world_size: int):
+        self.workers = max(1, cfg.num_workers)
+        self.num_slots = world_size * self.workers
+        single = len(sources) == 1 and cfg.mode == "exact" and cfg.samples_per_epoch is None
+        self.loop = not single
+        if cfg.mode == "resampled" and cfg.samples_per_epoch is None:
+            raise UserError("mode 'resampled' needs samples_per_epoch")
+        total = sources[0].samples if single else (cfg.samples_per_epoch or sum(s.samples for s in sources))
+        self.samples_per_slot = samples_per_slot(total, self.num_slots, cfg.uneven)
+        if self.samples_per_slot == 0:
+            raise UserError(f"{total} samples per epoch cannot feed {self.num_slots} ranks × workers")
+        full, rest = divmod(self.samples_per_slot, cfg.batch_size)
+        self.batches_per_slot = full + (1 if rest and not cfg.drop_last else 0)
+        if self.batches_per_slot == 0:
+            raise UserError(f"{self.samples_per_slot} samples per worker < batch_size {cfg.batch_size} with drop_last")
+        self.steps_per_epoch = self.batches_per_slot * self.workers
+        """Batches every rank yields per epoch (the same on all ranks)."""
+
+    def batch_sizes(self, batch_size: int) -> list[int]:
+        sizes = [batch_size] * (self.samples_per_slot // batch_size)
+        if len(sizes) < self.batches_per_slot:
+            sizes.append(self.samples_per_slot % batch_size)
+        return sizes
+
+
+class SlotStream:
+    """One slot's (rank, worker) epoch: mixes its sources, renders samples and yields (batch, cursor after it)."""
+
+    def __init__(self, cfg: LoaderConfig, sources: list[Source], plan: Plan, renderer: Renderer, pad_id: int,
+                 slot: int, state: dict):
+        self.cfg, self.plan, self.renderer, self.pad_id, self.slot = cfg, plan, renderer, pad_id, slot
+        self.state = state
+        self.reader = ShardReader()
+        self.weights = [s.weight for s in sources]
+        self.cursors = []
+        for i, source in enumerate(sources):
+            position = state["sources"][i]
+            if not plan.loop and position["epoch"] != state["epoch"]:
+                position = fresh_position(state["epoch"])  # a single exact source restarts with the epoch
+            self.cursors.append(SourceCursor(source, i, slot, plan.num_slots, cfg.seed, cfg.mode, plan.loop,
+                                             cfg.shuffle, cfg.shuffle_buffer, self.reader, position))
+
+    def _draw(self) -> int:
+        """Which source the next sample comes from: counter-based seeded draw, so the mixer's state is one int."""
+        if len(self.cursors) == 1:
+            return 0
+        n = self.state["draws"]
+        self.state["draws"] = n + 1
+        return random.Random(f"mix:{self.cfg.seed}:{self.slot}:{n}").choices(range(len(self.weights)),
+                                                                            self.weights)[0]
+
+    def _example(self, raw: dict, filler: bool, epoch: int) -> Example:
+        key = raw["__key__"]
+        record = raw.get("json")
+        if not isinstance(record, dict) or not isinstance(record.get("conversation"), list):
+            raise ValueError(f"{raw['__url__']}: sample {key}: no json member with a conversation list")
+        rendered = self.renderer.render(record["conversation"], record.get("num_images"), key=key)
+        rng = sample_rng(key, epoch, self.cfg.seed) if self.cfg.image.augment else None
+        pixels = []
+        for i in range(len(rendered.image_starts)):  # images cut by truncation come last and are skipped
+            data = raw.get(f"{i}.jpg") or raw.get(f"{i}.png")
+            if data is None:
+                raise ValueError(f"{raw['__url__']}: sample {key}: no image member {i}.jpg")
+            pixels.append(preprocess_uint8(data, self.cfg.image, rng))
+        stacked = torch.stack(pixels) if pixels else None
+        return Example(rendered.input_ids, rendered.labels, rendered.image_starts, stacked, key, filler)
+
+    def _next_example(self) -> Example:
+        dropped: Counter = Counter()
+        while True:
+            cursor = self.cursors[self._draw()]
+            raw, filler = cursor.next()
+            try:
+                return self._example(raw, filler, self.state["epoch"])
+            except SampleDropped as exc:
+                reason = exc.reason
+            except Exception as exc:
+                if self.cfg.on_error == "raise":
+                    raise
+                warnings.warn(f"skipping bad sample: {exc}")
+                reason = "bad_sample"
+            self.state["dropped"][reason] = self.state["dropped"].get(reason, 0) + 1
+            dropped[reason] += 1
+            if sum(dropped.values()) > 1000 + 2 * sum(c.source.samples for c in self.cursors):
+                raise UserError(f"slot {self.slot}: every sample is dropped ({dict(dropped)}); check max_length")
+
+    def _collate(self, examples: list[Example]) -> dict:
+        norm = partial(normalize_batch, cfg=self.cfg.image)
+        if self.cfg.pack:
+            return collate_mod.pack(examples, self.pad_id, self.cfg.image.shape, self.cfg.max_length,
+                                    self.cfg.pad_to_multiple, norm)
+        return collate_mod.collate(examples, self.pad_id, self.cfg.image.shape, self.cfg.pad_to_multiple, norm)
+
+    def batches(self) -> Iterator[dict]:
+        sizes = self.plan.batch_sizes(self.cfg.batch_size)
+        done = self.state["batches"]
+        try:
+            for size in sizes[done:]:
+                examples = [self._next_example() for _ in range(size)]
+                self.state["batches"] += 1
+                self.state["sources"] = [dict(c.position) for c in self.cursors]
+                batch = self._collate(examples)
+                batch["cursor"] = (self.slot, _copy_state(self.state))
+                yield batch
+        finally:
+            self.reader.close()
+
+
+def _copy_state(state: dict) -> dict:
+    return {**state, "sources": [dict(p) for p in state["sources"]], "dropped": dict(state["dropped"])}
+
+
+def initial_state(num_sources: int) -> dict:
+    return {"epoch": 0, "batches": 0, "draws": 0, "sources": [fresh_position() for _ in range(num_sources)],
+            "dropped": {}}
+
+
+class StreamDataset(IterableDataset):
+    """What each DataLoader worker runs: the slot for (rank, worker), started from its cursor."""
+
+    def __init__(self, loader: "StreamLoader", rotation: int):
+        self.cfg, self.sources, self.plan = loader.cfg, loader.sources, loader.plan
+        self.renderer, self.pad_id, self.rank = loader.renderer, loader.pad_id, loader.rank
+        self.states = {slot: _copy_state(s) for slot, s in loader.slots.items()}
+        self.rotation = rotation
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        logical = (worker + self.rotation) % self.plan.workers
+        slot = self.rank * self.plan.workers + logical
+        yield from SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
+                              self.states[slot]).batches()
+
+
+class StreamLoader:
+    """Iterable of batches for one rank; each `iter()` runs the rest of the current epoch, then advances it.
+
+    `state_dict()` / `load_state_dict()` hold this rank's cursor: per worker slot the epoch, batches taken, source
+    positions (shard order is recomputed from seed + epoch) and the mixer's draw counter.
+    """
+
+    def __init__(self, cfg: LoaderConfig, tokenizer, rank: int | None = None, world_size: int | None = None):
+        self.cfg = cfg
+        self.rank, self.world_size = dist_rank_world(rank, world_size)
+        self.sources = make_sources(cfg.data, cfg.split)
+        self.plan = Plan(cfg, self.sources, self.world_size)
+        self.renderer = Renderer(tokenizer, cfg.template, cfg.num_image_slots, cfg.max_length, cfg.truncate)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        first = self.rank * self.plan.workers
+        self.slots = {s: initial_state(len(self.sources)) for s in range(first, first + self.plan.workers)}
+        self.epoch = 0
+        self.batches_in_epoch = 0
+
+    def __len__(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        rotation = self.batches_in_epoch % self.plan.workers
+        dataset = StreamDataset(self, rotation)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                            persistent_workers=False)
+        for batch in loader:
+            slot, state = batch.pop("cursor")
+            self.slots[slot] = state
+            self.batches_in_epoch += 1
+            yield batch
+        assert self.batches_in_epoch == self.plan.steps_per_epoch, (self.batches_in_epoch, self.plan.steps_per_epoch)
+        self.epoch += 1
+        self.batches_in_epoch = 0
+        for state in self.slots.values():
+            state.update(epoch=self.epoch, batches=0)
+
+    def dropped(self) -> dict[str, int]:
+        """Samples this rank dropped so far, by reason (`no_label`, `no_label_after_truncation`, `too_long`, …).
+        Counted on the batches consumed; samples that were read but not yet delivered are not counted."""
+        total: Counter = Counter()
+        for state in self.slots.values():
+            total.update(state["dropped"])
+        return dict(total)
+
+    def state_dict(self) -> dict:
+        """JSON-serializable cursor of this rank (save one per rank)."""
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.plan.workers, "seed": self.cfg.seed, "epoch": self.epoch,
+                "batches_in_epoch": self.batches_in_epoch,
+                "slots": {str(s): _copy_state(st) for s, st in self.slots.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was taken. The layout (ranks × workers, seed) must be the same."""
+        if state.get("version") != STATE_VERSION:
+            raise UserError(f"data cursor version {state.get('version')} != {STATE_VERSION}")
+        for name, mine in (("rank", self.rank), ("world_size", self.world_size), ("num_workers", self.plan.workers),
+                           ("seed", self.cfg.seed)):
+            if state[name] != mine:
+                raise UserError(f"data cursor was taken with {name}={state[name]}, this run has {mine}; exact "
+                                "resume needs the same ranks × workers layout and seed")
+        self.epoch = state["epoch"]
+        self.batches_in_epoch = state["batches_in_epoch"]
+        self.slots = {int(s): _copy_state(st) for s, st in state["slots"].items()}
+
+
+def build_loader(cfg: LoaderConfig, tokenizer, rank: int | None = None, world_size: int | None = None) -> StreamLoader:
+    """The trainer's entry point: a resumable iterable of batches for this rank."""
+    return StreamLoader(cfg, tokenizer, rank, world_size)

@@ -1,0 +1,116 @@
+"""mPLUG-Owl's visual abstractor: N learnable queries distil the ViT tokens, then a projection to the LLM width.
+
+Each of the L layers: the normalised queries attend to concat(normalised queries, normalised ViT tokens) as keys and
+values (no separate self-attention), residual; then a SwiGLU FFN, residual. A linear maps the queries to the LLM
+width and a learnable end-of-image vector is appended: 64 + 1 = 65 tokens per image, spliced at the image's slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtrain.model.connectors.base import Connector, register_connector
+
+
+@dataclass
+class AbstractorOptions:
+    num_queries: int = 64
+    """Learnable queries, zero-initialised as in mPLUG-Owl (their splice positions differ, which breaks symmetry)."""
+    num_layers: int = 6
+    hidden_size: int = 1024
+    """Abstractor width; ViT features are linearly mapped to it when the widths differ."""
+    num_heads: int = 16
+    intermediate_size: int = 2816
+    """SwiGLU inner width (mPLUG-Owl: 2/3 of 4096 rounded up to a multiple of 256)."""
+    end_token: bool = True
+    """Append the learnable end-of-image vector (num_queries + 1 tokens per image)."""
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"abstractor hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_queries < 1 or self.num_layers < 0:
+            raise ValueError(f"abstractor needs num_queries >= 1 and num_layers >= 0, got {self.num_queries}, {self.num_layers}")
+
+
+class AbstractorLayer(nn.Module):
+    """Queries attend to [queries; ViT tokens], then SwiGLU; both pre-norm with residuals."""
+
+    def __init__(self, o: AbstractorOptions):
+        super().__init__()
+        h = o.hidden_size
+        self.num_heads = o.num_heads
+        self.norm_q = nn.LayerNorm(h, eps=o.layer_norm_eps)
+        self.norm_kv = nn.LayerNorm(h, eps=o.layer_norm_eps)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(h, h) for _ in range(4))
+        self.norm_ffn = nn.LayerNorm(h, eps=o.layer_norm_eps)
+        self.w1 = nn.Linear(h, o.intermediate_size)
+        self.w3 = nn.Linear(h, o.intermediate_size)
+        self.ffn_ln = nn.LayerNorm(o.intermediate_size, eps=o.layer_norm_eps)
+        self.w2 = nn.Linear(o.intermediate_size, h)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(queries)
+        kv = torch.cat([q, self.norm_kv(vision)], dim=1)
+        attn = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(kv)), self._heads(self.v_proj(kv)))
+        queries = queries + self.o_proj(attn.transpose(1, 2).reshape(queries.shape))
+        x = self.norm_ffn(queries)
+        return queries + self.w2(self.ffn_ln(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class VisualAbstractor(nn.Module):
+    """[N, P, vision width] -> [N, num_queries (+1), out_width]."""
+
+    def __init__(self, o: AbstractorOptions, vision_width: int, out_width: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.zeros(1, o.num_queries, o.hidden_size))
+        self.vision_in = nn.Linear(vision_width, o.hidden_size) if vision_width != o.hidden_size else nn.Identity()
+        self.layers = nn.ModuleList(AbstractorLayer(o) for _ in range(o.num_layers))
+        self.visual_fc = nn.Linear(o.hidden_size, out_width)
+        self.end_token = nn.Parameter(torch.randn(1, 1, out_width) * 0.02) if o.end_token else None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        vision = self.vision_in(features)
+        queries = self.queries.expand(features.shape[0], -1, -1)
+        for layer in self.layers:
+            queries = layer(queries, vision)
+        out = self.visual_fc(queries)
+        if self.end_token is not None:
+            out = torch.cat([out, self.end_token.expand(out.shape[0], -1, -1)], dim=1)
+        return out
+
+
+@register_connector
+class AbstractorConnector(Connector):
+    """mPLUG-Owl: 65 tokens per image spliced into the LLM input."""
+
+    name = "abstractor"
+    options_class = AbstractorOptions
+    splices = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        _, _, vision_width = config.vision_geometry()
+        self.abstractor = VisualAbstractor(self.options, vision_width, config.llm_hidden_size)
+
+    @classmethod
+    def num_slots(cls, config) -> int:
+        o = config.connector_options()
+        return o.num_queries + int(o.end_token)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.abstractor(features)
+
+    def lora_targets(self, role: str) -> list[str]:
+        if role == "cross_attn":
+            return [f"abstractor.layers.{i}.{p}" for i in range(len(self.abstractor.layers)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if role == "ffn":
+            return [f"abstractor.layers.{i}.{p}" for i in range(len(self.abstractor.layers)) for p in ("w1", "w2", "w3")]
+        return []

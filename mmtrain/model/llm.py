@@ -1,0 +1,47 @@
+"""The causal LM part: built from its HF config dict or loaded from a local checkpoint, and the few structural
+look-ups the connectors need (decoder layers, their self-attention), written once for every HF decoder family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from mmtrain.errors import UserError
+
+
+def build_text_config(config: dict[str, Any]):
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    return AutoConfig.for_model(config["model_type"], **kwargs)
+
+
+def build_llm(config: dict[str, Any]) -> PreTrainedModel:
+    """A randomly initialised causal LM from its config dict (tests, tiny preset, meta-device counting)."""
+    return AutoModelForCausalLM.from_config(build_text_config(config))
+
+
+def load_llm(path: str | Path) -> PreTrainedModel:
+    if not Path(path).is_dir():
+        raise UserError(f"LLM checkpoint directory not found: {path}")
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of any HF causal LM (`model.layers` for LLaMA / Qwen2, `gpt_neox.layers` for GPT-NeoX)."""
+    base = getattr(llm, "base_model", llm)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(llm).__name__}")
+
+
+def self_attention(layer: nn.Module) -> nn.Module:
+    """The self-attention module of a decoder layer (`self_attn` in LLaMA-family models, `attention` in GPT-NeoX)."""
+    for name in ("self_attn", "attention", "attn"):
+        module = getattr(layer, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"cannot find the self-attention of {type(layer).__name__}")
