@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--workers", type=int, default=1, help="image re-encoding processes")
     build.add_argument("--max-reject-fraction", type=float, default=0.05,
                        help="exit non-zero when more rows than this are rejected")
+    build.add_argument("--max-pixels", type=int, default=64_000_000,
+                       help="reject images with more pixels (decompression bombs)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=run_build)
@@ -59,7 +61,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     options = BuildOptions(out=Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
                            shard_size=args.shard_size, image_size=args.image_size, workers=args.workers,
-                           max_reject_fraction=args.max_reject_fraction, overwrite=args.overwrite,
+                           max_reject_fraction=args.max_reject_fraction, max_pixels=args.max_pixels,
+                           overwrite=args.overwrite,
                            progress=not args.no_progress)
     if args.format:
         if not args.input or args.spec or args.catalog:

@@ -103,8 +103,12 @@ class CatalogSpec:
 
 
 def _has_surrogates(text: str) -> bool:
-    """True if decoding with surrogateescape met bytes that are not UTF-8."""
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    """True if decoding with surrogateescape met bytes that are not UTF-8 (encoding back then fails, at C speed)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _read_csv_rows(path: Path, spec: CatalogSpec) -> Iterator[tuple[int, dict[str, str] | Reject]]:
@@ -169,8 +173,8 @@ def _text(value: Any) -> str:
 def _product_from_row(row_no: int, rec: dict[str, Any], spec: CatalogSpec, images_root: Path | None,
                       need_images: bool, path: Path) -> Product | Reject:
     pid = _text(rec.get(spec.id))
-    bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
-    if bad:
+    if _has_surrogates("".join(v for v in rec.values() if isinstance(v, str))):
+        bad = [k for k, v in rec.items() if isinstance(v, str) and _has_surrogates(v)]
         return Reject(row_no, pid if not _has_surrogates(pid) else None, NOT_UTF8,
                       f"bytes that are not UTF-8 in {bad}", str(path))
     for name, value in (("id", pid), ("title", _text(rec.get(spec.title)))):

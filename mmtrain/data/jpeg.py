@@ -1,4 +1,4 @@
-"""Image validation for shard building: fully decode, fix orientation, RGB, downscale, re-encode as JPEG.
+"""Image validation for shard building: fully decode, fix orientation, RGB, downscale, (re-)encode as JPEG.
 
 Every image that enters a shard went through here, so the loader can trust that each `.jpg` member decodes.
 """
@@ -11,10 +11,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE
+from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8k × 8k: anything larger is a decompression bomb, not a product photo
 JPEG_QUALITY = 90
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageRejected(ValueError):
@@ -39,12 +40,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def reencode_image(source: str | Path | bytes, max_side: int, quality: int = JPEG_QUALITY,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
-    """Decode `source` completely and return RGB JPEG bytes whose long side is at most `max_side` (never upscaled)."""
+    """Decode `source` completely and return RGB JPEG bytes whose long side is at most `max_side` (never upscaled).
+
+    A file that already is an upright RGB JPEG within `max_side` is returned byte for byte once it has decoded fully:
+    re-encoding it would only lose quality and double its size.
+    """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as exc:
+        raise ImageRejected(MISSING_IMAGE, f"{name}: {exc}") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageRejected(IMAGE_TOO_LARGE, f"{name}: {width}x{height} exceeds {max_pixels} pixels")
@@ -55,7 +64,12 @@ def reencode_image(source: str | Path | bytes, max_side: int, quality: int = JPE
         raise ImageRejected(IMAGE_TOO_LARGE, f"{name}: {exc}") from exc
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
         raise ImageRejected(BAD_IMAGE, f"{name}: {exc}") from exc
-    img = to_rgb(ImageOps.exif_transpose(img))
+    upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1
+    if img.format == "JPEG" and img.mode == "RGB" and upright and max(img.size) <= max_side:
+        return data
+    if not upright:  # phone photos; transposing costs a copy, so only when needed
+        img = ImageOps.exif_transpose(img)
+    img = to_rgb(img)
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     out = io.BytesIO()

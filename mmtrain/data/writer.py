@@ -15,14 +15,14 @@ from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
-import webdataset as wds
 from tqdm import tqdm
 
 import mmtrain
 from mmtrain.data.jpeg import DEFAULT_MAX_PIXELS, ImageRejected, reencode_image
-from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE, Reject, WorkItem
+from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE, Reject, Sample, WorkItem
+from mmtrain.data.tarmember import end_of_archive, tar_member
 from mmtrain.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -73,50 +73,52 @@ def split_of(split_id: str, val_fraction: float) -> str:
 
 
 def _encode_item(args: tuple[WorkItem, int, int]) -> tuple[WorkItem, list[bytes] | Reject]:
-    """Worker side: load and re-encode the item's images once; a bad image rejects the whole item."""
+    """Worker side: re-encode the item's images once, then return each sample as ready tar member bytes.
+
+    A bad image rejects the whole item (all its samples need it).
+    """
     item, image_size, max_pixels = args
     try:
-        return item, [reencode_image(p, image_size, max_pixels=max_pixels) for p in item.image_paths]
+        images = [reencode_image(p, image_size, max_pixels=max_pixels) for p in item.image_paths]
     except ImageRejected as exc:
         sample = item.samples[0]
         return item, Reject(item.row, sample.product_id or sample.key, exc.reason, str(exc), item.file)
+    blobs = []
+    for sample in item.samples:
+        parts = [tar_member(f"{sample.key}.{i}.jpg", data) for i, data in enumerate(images)]
+        record = json.dumps(sample.to_json(), ensure_ascii=False).encode("utf-8")
+        parts.append(tar_member(f"{sample.key}.json", record))
+        blobs.append(b"".join(parts))
+    return item, blobs
 
 
 class _ShardSink:
-    """Writes one split's samples to `<split>-NNNNNN.tar`, a new shard every `shard_size` samples."""
+    """Appends one split's samples to `<split>-NNNNNN.tar`, a new shard every `shard_size` samples."""
 
     def __init__(self, folder: Path, split: str, shard_size: int) -> None:
         self.folder, self.split, self.shard_size = folder, split, shard_size
         self.shards: list[dict[str, Any]] = []
         self.tasks: Counter = Counter()
-        self._writer: wds.TarWriter | None = None
-        self._stream = None
+        self._stream: BinaryIO | None = None
+        self._written = 0
 
-    def _open_next(self) -> None:
-        self.close()
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._stream = open(self.folder / name, "wb")
-        # Fixed mtime / owner / mode: identical input gives identical bytes.
-        self._writer = wds.TarWriter(self._stream, user="mmtrain", group="mmtrain", mode=0o644, mtime=0.0)
-        self.shards.append({"name": name, "samples": 0, "images": 0})
-
-    def write(self, sample_json: dict[str, Any], images: list[bytes]) -> None:
-        if self._writer is None or self.shards[-1]["samples"] >= self.shard_size:
-            self._open_next()
-        record: dict[str, Any] = {"__key__": sample_json["key"],
-                                  "json": json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode("utf-8")}
-        for i, data in enumerate(images):
-            record[f"{i}.jpg"] = data
-        self._writer.write(record)
+    def write(self, sample: Sample, blob: bytes) -> None:
+        if self._stream is None or self.shards[-1]["samples"] >= self.shard_size:
+            self.close()
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self._stream = open(self.folder / name, "wb")
+            self.shards.append({"name": name, "samples": 0, "images": 0})
+        self._stream.write(blob)
+        self._written += len(blob)
         self.shards[-1]["samples"] += 1
-        self.shards[-1]["images"] += len(images)
-        self.tasks[sample_json["task"]] += 1
+        self.shards[-1]["images"] += sample.num_images
+        self.tasks[sample.task] += 1
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self._stream is not None:
+            self._stream.write(end_of_archive(self._written))
             self._stream.close()
-            self._writer = self._stream = None
+            self._stream, self._written = None, 0
 
     def summary(self) -> dict[str, Any]:
         return {"samples": sum(s["samples"] for s in self.shards), "images": sum(s["images"] for s in self.shards),
@@ -184,8 +186,8 @@ def build_shards(inputs: Iterable[WorkItem | Reject], options: BuildOptions, met
                 continue
             split = split_of(item.split_id, options.val_fraction)
             products[split] += 1
-            for sample in item.samples:
-                sinks[split].write(sample.to_json(), result)
+            for sample, blob in zip(item.samples, result):
+                sinks[split].write(sample, blob)
         bar.close()
         for sink in sinks.values():
             sink.close()
