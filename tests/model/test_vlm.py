@@ -128,3 +128,29 @@ def test_save_load_keeps_tied_embeddings(tmp_path):
     assert loaded.llm.lm_head.weight is loaded.llm.get_input_embeddings().weight
     batch = make_batch(model)
     torch.testing.assert_close(_logits(loaded.eval(), batch), _logits(model, batch), rtol=0, atol=0)
+
+
+def test_xattn_works_on_a_gpt_neox_llm_and_layerwise_says_what_it_needs():
+    model = make_model("xattn", llm_family="gpt_neox")
+    batch = make_batch(model, images_per_sample=(1, 2))
+    expected = build_bare(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    torch.testing.assert_close(_logits(model, batch), expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"separate q/k/v/o projections; GPTNeoXAttention lacks \['q_proj'"):
+        make_model("layerwise", llm_family="gpt_neox")
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+@pytest.mark.parametrize("connector", ["xattn", "layerwise"])
+def test_gradient_checkpointing_gives_the_same_gradients(connector):
+    """The hooks' media stay set through backward, so recomputed layers see the same images."""
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(connector).train()
+        set_gates(model, 0.5)
+        if checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(**make_batch(model, images_per_sample=(1, 2))).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
