@@ -6,7 +6,7 @@ parameters count under the part whose module they adapt. Roles map to module nam
 | role       | LLaMA / Mistral / Qwen2 / Qwen3         | GPT-NeoX                            | connector                         |
 |------------|-----------------------------------------|-------------------------------------|-----------------------------------|
 | self_attn  | self_attn.{q,k,v,o}_proj                | attention.{query_key_value,dense}   | -                                 |
-| ffn        | mlp.{gate,up,down}_proj                 | mlp.{dense_h_to_4h,dense_4h_to_h}   | xattn FFN fc1/fc2, abstractor w1-3|
+| ffn        | mlp.{gate,up,down}_proj                 | mlp.{dense_h_to_4h,dense_4h_to_h}   | xattn FFN fc1/fc2                 |
 | cross_attn | -                                       | -                                   | xattn to_q/to_kv/to_out, abstractor q/k/v/o |
 | vision     | CLIP / SigLIP: self_attn.{q,k,v,out}_proj, mlp.fc{1,2}; ViT: attention query/key/value/output, intermediate/output dense |
 """

@@ -111,6 +111,4 @@ class AbstractorConnector(Connector):
     def lora_targets(self, role: str) -> list[str]:
         if role == "cross_attn":
             return [f"abstractor.layers.{i}.{p}" for i in range(len(self.abstractor.layers)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        if role == "ffn":
-            return [f"abstractor.layers.{i}.{p}" for i in range(len(self.abstractor.layers)) for p in ("w1", "w2", "w3")]
         return []

@@ -139,6 +139,4 @@ class LayerwiseConnector(Connector):
         layers = range(len(self.abstractor.layers))
         if role == "cross_attn":
             return [f"abstractor.layers.{i}.{p}" for i in layers for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        if role == "ffn":
-            return [f"abstractor.layers.{i}.{p}" for i in layers for p in ("w1", "w2", "w3")]
         return []

@@ -1,0 +1,142 @@
+"""One stage's model, optimizer and schedule: built partitioned (ZeRO-3) and loaded from the previous stage's weights.
+
+Why a fresh model per stage: each stage has its own trainable set and LoRA layout, and DeepSpeed binds an engine to
+one set of parameters. Stage N's final weights (LoRA merged) are saved as a VisionLanguageModel directory, and stage
+N+1 loads them into a newly built, partitioned model, so a hand-off within a run and a start from an earlier run's
+directory are the same path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from mmtrain.config import Recipe, StageSpec
+from mmtrain.errors import UserError
+from mmtrain.model import VisionLanguageModel, VLMConfig, apply_stage_policy, preset_config
+from mmtrain.model.lora import trainable_parameter_groups
+from mmtrain.model.vlm import WEIGHTS_NAME
+from mmtrain.train.zero import load_into
+
+
+def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
+    """The recipe's model config, with token ids (and, for models trained from scratch, the vocabulary) set from
+    the tokenizer, so the image placeholder id can never disagree between data and model."""
+    spec = recipe.model
+    if spec.init:
+        return VLMConfig.from_pretrained(spec.init)
+    from mmtrain.data.tokenizer import image_token_id
+
+    config = preset_config(spec.preset, spec.vision_path, spec.llm_path)
+    raw = config.to_dict()
+    if spec.connector:
+        if spec.connector != config.connector:
+            raw["connector_config"] = {}
+        raw["connector"] = spec.connector
+    for key, value in spec.config.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    text = raw["text_config"]
+    if not spec.llm_path:  # from scratch: the vocabulary is the tokenizer's, rounded up for matmul shapes
+        text["vocab_size"] = int(math.ceil(len(tokenizer) / 64) * 64)
+    elif len(tokenizer) > text["vocab_size"]:
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the LLM at {spec.llm_path} only "
+                        f"{text['vocab_size']}; resize its embeddings first")
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{name}_token_id")
+        if token_id is not None:
+            text[f"{name}_token_id"] = int(token_id)
+    raw["image_token_id"] = image_token_id(tokenizer)
+    return VLMConfig.from_dict(raw)
+
+
+def initial_state(recipe: Recipe, config: VLMConfig) -> dict[str, torch.Tensor]:
+    """Stage 0's starting weights (rank 0 only): a model directory, the preset's pretrained parts, or a seeded init."""
+    if recipe.model.init:
+        return _read_weights(Path(recipe.model.init))
+    torch.manual_seed(recipe.seed)
+    pretrained = bool(config.vision_path or config.llm_path)
+    return VisionLanguageModel.from_config(config, pretrained=pretrained).state_dict()
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserError(f"{folder}: no {WEIGHTS_NAME} (not a VisionLanguageModel directory)")
+    from safetensors import safe_open
+    import json
+
+    with safe_open(str(weights), framework="pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(weights))
+    state.update({alias: state[source] for alias, source in aliases.items()})
+    return state
+
+
+def stage_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return _read_weights(folder)
+
+
+def _no_init_weights():
+    """HF's own switch for building a model whose weights are loaded next (its init cannot run on ZeRO-3 slices)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5.x
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # transformers 4.x
+    return no_init_weights()
+
+
+def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, Any] | None, zero3: bool,
+                      state: dict[str, torch.Tensor] | None, rank: int, seed: int,
+                      gradient_checkpointing: bool) -> tuple[VisionLanguageModel, dict[str, int]]:
+    """Build (partitioned under ZeRO-3), load `state` (needed on rank 0 only under ZeRO-3), apply the freeze policy.
+
+    LoRA layers are injected after the partitioned build and before `deepspeed.initialize`, from the same seed on
+    every rank, so all ranks start from identical adapters (DeepSpeed partitions them at initialize).
+    """
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3), _no_init_weights():
+        model = VisionLanguageModel.from_config(config, pretrained=False)  # weights come from `state` below
+    missing = load_into(model, state or {}, rank, zero3)
+    if (rank == 0 or not zero3) and missing:
+        raise UserError(f"starting weights lack {len(missing)} parameters, e.g. {missing[:3]}")
+    if gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)
+    counts = apply_stage_policy(model, vision=stage.train.vision, connector=stage.train.connector,
+                                llm=stage.train.llm, lora_roles=stage.lora.roles, r=stage.lora.r,
+                                alpha=stage.lora.alpha, dropout=stage.lora.dropout)
+    if not any(counts.values()):
+        raise UserError(f"stage {stage.name!r} trains nothing (vision, connector and llm all frozen)")
+    return model, counts
+
+
+def optimizer_and_schedule(model: VisionLanguageModel, stage: StageSpec
+                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, list[str]]:
+    """AdamW over the stage's trainable parameters only, one group per part (each with its own lr), and linear warmup
+    then cosine decay to `min_lr_ratio`. Biases and norms get no weight decay."""
+    opt = stage.optimizer
+    groups, names = [], []
+    for part, params in trainable_parameter_groups(model).items():
+        if not params:
+            continue
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        for kind, members, wd in (("decay", decay, opt.weight_decay), ("no_decay", no_decay, 0.0)):
+            if members:
+                groups.append({"params": members, "lr": opt.lr_of(part), "weight_decay": wd})
+                names.append(f"{part}/{kind}")
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    warmup, total, floor = stage.schedule.warmup_steps, stage.steps, stage.schedule.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), names
