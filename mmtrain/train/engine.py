@@ -207,6 +207,9 @@ class Trainer:
         self.results.append(result)
         self.metrics.print(f"stage {stage.name}: trainable {trainable}, ZeRO-{zero_stage(ds_config)}, "
                            f"{self.precision}, {self.world_size} rank(s), global batch {stage.global_batch(self.world_size)}")
+        self.metrics.stage_event({"stage": stage.name, "stage_index": index, "start_step": step,
+                                  "trainable": trainable, "zero_stage": zero_stage(ds_config),
+                                  "precision": self.precision, "world_size": self.world_size})
         self.metrics.start_stage(stage.name, stage.steps, step)
         finished = self._loop(engine, loader, stage, index, step, result, group_names)
         if finished:

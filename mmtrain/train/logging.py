@@ -14,6 +14,7 @@ class MetricsLogger:
 
     def __init__(self, out: Path, rank: int, enabled_tensorboard: bool = True) -> None:
         self.active = rank == 0
+        self._out = out
         self._bar: tqdm | None = None
         self._tb = None
         self._jsonl = None
@@ -29,6 +30,12 @@ class MetricsLogger:
         if self.active:
             self.close_bar()
             self._bar = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
+
+    def stage_event(self, record: dict[str, Any]) -> None:
+        """One line per stage start (or resume) in `stages.jsonl`: trainable counts by part, ZeRO stage, precision."""
+        if self.active:
+            with open(self._out / "stages.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
 
     def log(self, record: dict[str, Any], global_step: int) -> None:
         if not self.active:
