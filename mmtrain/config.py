@@ -20,6 +20,13 @@ from mmtrain.errors import UserError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"expected a number, got {value!r}") from None
+
+
 @dataclass
 class TrainParts:
     """What a stage trains: whole parts, LoRA on the LLM, or nothing of a part."""
@@ -54,6 +61,13 @@ class OptimizerSpec:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads `3e-5` (no dot) as a string: take numbers however they are written.
+        self.lr, self.weight_decay, self.eps, self.grad_clip = map(_number, (self.lr, self.weight_decay, self.eps,
+                                                                           self.grad_clip))
+        self.lr_per_part = {part: _number(v) for part, v in self.lr_per_part.items()}
+        self.betas = tuple(_number(b) for b in self.betas)
 
     def lr_of(self, part: str) -> float:
         return float(self.lr_per_part.get(part, self.lr))
@@ -176,7 +190,13 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         elif not isinstance(node, dict):
             raise UserError(f"--set {assignment!r}: {'.'.join(keys[:i])} is not a mapping")
         if last:
-            node[key] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, str):
+                try:
+                    parsed = float(parsed)  # `3e-5`: YAML 1.1 has no such float, the user meant one
+                except ValueError:
+                    pass
+            node[key] = parsed
         else:
             if isinstance(node, dict) and key not in node:
                 node[key] = {}

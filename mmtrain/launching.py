@@ -18,9 +18,10 @@ def free_port() -> int:
 
 def deepspeed_command(ranks: int, module_args: Sequence[str], module: str = "mmtrain.train",
                       port: int | None = None) -> list[str]:
-    """`deepspeed --num_gpus N --module M ARGS`: on a machine without GPUs, N CPU ranks (gloo)."""
+    """`deepspeed --num_gpus N --module M ARGS` (or a script path for M): without GPUs, N CPU ranks (gloo)."""
+    target = [module] if module.endswith(".py") else ["--module", module]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(port or free_port()), "--module", module, *module_args]
+            "--master_port", str(port or free_port()), *target, *module_args]
 
 
 def run_ranks(ranks: int, module_args: Sequence[str], log: Path | None = None, timeout: float | None = None,

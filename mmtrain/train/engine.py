@@ -54,6 +54,18 @@ class StageResult:
     seconds: float = 0.0
 
 
+@dataclass
+class StageEngine:
+    engine: Any
+    loader: Any
+    stage: StageSpec
+    index: int
+    step: int
+    trainable: dict[str, int]
+    group_names: list[str]
+    zero_stage: int
+
+
 class _Preemption:
     """SIGTERM / SIGUSR1 set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
 
@@ -182,7 +194,8 @@ class Trainer:
         fields.update(stage.loader)
         return build_loader(LoaderConfig(**fields), self.tokenizer, self.rank, self.world_size)
 
-    def _run_stage(self, index: int, ref: ckpt.CheckpointRef | None) -> bool:
+    def build_engine(self, index: int, ref: ckpt.CheckpointRef | None = None) -> "StageEngine":
+        """Stage `index`'s DeepSpeed engine and loader, restored from `ref` when given. Collective."""
         import deepspeed
 
         stage = self.recipe.stages[index]
@@ -203,19 +216,24 @@ class Trainer:
                                    load_lr_scheduler_states=True)
             loader.load_state_dict(ckpt.read_rank_state(ref.path, self.rank))
             step = ref.step
-        result = StageResult(stage.name, trainable)
+        return StageEngine(engine, loader, stage, index, step, trainable, group_names, zero_stage(ds_config))
+
+    def _run_stage(self, index: int, ref: ckpt.CheckpointRef | None) -> bool:
+        run = self.build_engine(index, ref)
+        stage = run.stage
+        result = StageResult(stage.name, run.trainable)
         self.results.append(result)
-        self.metrics.print(f"stage {stage.name}: trainable {trainable}, ZeRO-{zero_stage(ds_config)}, "
-                           f"{self.precision}, {self.world_size} rank(s), global batch {stage.global_batch(self.world_size)}")
-        self.metrics.stage_event({"stage": stage.name, "stage_index": index, "start_step": step,
-                                  "trainable": trainable, "zero_stage": zero_stage(ds_config),
+        self.metrics.print(f"stage {stage.name}: trainable {run.trainable}, ZeRO-{run.zero_stage}, {self.precision}, "
+                           f"{self.world_size} rank(s), global batch {stage.global_batch(self.world_size)}")
+        self.metrics.stage_event({"stage": stage.name, "stage_index": index, "start_step": run.step,
+                                  "trainable": run.trainable, "zero_stage": run.zero_stage,
                                   "precision": self.precision, "world_size": self.world_size})
-        self.metrics.start_stage(stage.name, stage.steps, step)
-        finished = self._loop(engine, loader, stage, index, step, result, group_names)
+        self.metrics.start_stage(stage.name, stage.steps, run.step)
+        finished = self._loop(run.engine, run.loader, stage, index, run.step, result, run.group_names)
         if finished:
-            self._finish_stage(engine, stage, index, loader)
-        engine.destroy()
-        del engine, model, optimizer
+            self._finish_stage(run.engine, stage, index, run.loader)
+        run.engine.destroy()
+        del run
         gc.collect()
         return finished
 
