@@ -3,7 +3,7 @@
 Batch contract (what the model consumes):
 - `input_ids`, `labels`, `attention_mask` [B, T] (labels -100 where nothing is learned; mask 1 on real tokens)
 - `pixel_values` [N_img, 3, H, W] float, N_img may be 0; `image_slots` long [N_img, 2] = (row in batch, start of the
-  image's run of placeholder tokens), in the order of `pixel_values`
+  image's run of placeholder tokens; with 0 slots the first token after its mark), in the order of `pixel_values`
 - `filler` bool [num_samples]: samples repeated only to keep ranks in step (see docs/loader.md)
 - packed batches add `position_ids` [B, T] (restart at 0 per sample), `segment_ids` [B, T] (1, 2, … per sample in
   its row, 0 on padding), `cu_seqlens` int32 [num_samples + 1] over the rows' real tokens laid end to end and
@@ -14,26 +14,31 @@ Batch contract (what the model consumes):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from mmtrain.data.template import IGNORE_INDEX
 
+Pixels = torch.Tensor | Sequence[np.ndarray]
+
 
 @dataclass
 class Example:
-    """One rendered sample with its preprocessed images (`pixel_values` [n, 3, H, W] with n == len(image_starts))."""
+    """One rendered sample with its preprocessed images: `pixel_values` is a tensor [n, 3, H, W] (float, or uint8
+    to be normalized per batch), or, on the loader's fast path, n uint8 arrays [H, W, 3] as decoded (transposed and
+    normalized once per batch); n == len(image_starts)."""
 
     input_ids: list[int]
     labels: list[int]
     image_starts: list[int]
-    pixel_values: torch.Tensor | None
+    pixel_values: Pixels | None
     key: str = ""
     filler: bool = False
 
     def __post_init__(self) -> None:
-        n = 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+        n = 0 if self.pixel_values is None else len(self.pixel_values)
         if n != len(self.image_starts):
             raise ValueError(f"{self.key}: {n} images but {len(self.image_starts)} image slot runs")
 
@@ -43,46 +48,73 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
+"""Stacked uint8 pixels ([N, 3, H, W] from tensors, [N, H, W, 3] from decoded arrays) → float [N, 3, H, W]."""
 
 
-def _images(rows: list[tuple[int, int, Example]], image_shape: tuple[int, int, int],
-            normalize: Normalize | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack pixel values of (row, offset, example) triples and index each image by (row, slot start).
-    uint8 pixels are normalized here, once per batch, with `normalize`."""
-    pixels, slots = [], []
-    for row, offset, ex in rows:
-        if ex.pixel_values is not None and len(ex.image_starts):
-            pixels.append(ex.pixel_values)
-            slots += [(row, offset + s) for s in ex.image_starts]
-    if not pixels:
-        return torch.zeros((0, *image_shape)), torch.zeros((0, 2), dtype=torch.long)
-    stacked = torch.cat(pixels)
-    if stacked.dtype == torch.uint8:
+def _stack_pixels(examples: Sequence[Example], image_shape: tuple[int, int, int]) -> torch.Tensor | list[np.ndarray]:
+    """All images of the batch: one tensor [N, 3, H, W] from tensors; from decoded arrays, the list of uint8
+    [H, W, 3] arrays as they are (the stream copies them once, into a worker's shared ring or straight into the
+    normalized output)."""
+    tensors = [ex.pixel_values for ex in examples if ex.pixel_values is not None and len(ex.pixel_values)]
+    if not tensors:
+        return torch.zeros((0, *image_shape))
+    if isinstance(tensors[0], torch.Tensor):
+        return torch.cat(tensors)  # type: ignore[arg-type]
+    return [a for t in tensors for a in t]
+
+
+def _slots(placed: Sequence[tuple[int, int, Example]]) -> np.ndarray:
+    """(row, offset + start) of every image, in the order of the stacked pixels."""
+    slots = [(row, offset + s) for row, offset, ex in placed for s in ex.image_starts]
+    return np.array(slots, dtype=np.int64).reshape(-1, 2)
+
+
+def _scatter(width: int, row_lengths: np.ndarray, flat: list[int], fill: int) -> np.ndarray:
+    """[rows, width] array with row r's first row_lengths[r] entries taken in order from `flat`."""
+    out = np.full((len(row_lengths), width), fill, dtype=np.int64)
+    out[np.arange(width)[None, :] < row_lengths[:, None]] = flat
+    return out
+
+
+def collate_arrays(examples: Sequence[Example], pad_id: int, image_shape: tuple[int, int, int],
+                   pad_to_multiple: int = 8) -> dict:
+    """Dynamic padding as numpy arrays (+ one pixel tensor): what a worker sends; `to_torch` finishes it. Small
+    numpy arrays are pickled through the worker pipe, which is far cheaper than one shared-memory file per tensor."""
+    if not examples:
+        raise ValueError("empty batch")
+    lengths = np.array([len(ex.input_ids) for ex in examples], dtype=np.int64)
+    width = _round_up(int(lengths.max()), pad_to_multiple)
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        ids += ex.input_ids
+        labels += ex.labels
+    input_ids = _scatter(width, lengths, ids, pad_id)
+    return {"input_ids": input_ids, "labels": _scatter(width, lengths, labels, IGNORE_INDEX),
+            "attention_mask": (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64),
+            "pixel_values": _stack_pixels(examples, image_shape),
+            "image_slots": _slots([(i, 0, ex) for i, ex in enumerate(examples)]),
+            "filler": np.array([ex.filler for ex in examples], dtype=bool), "keys": [ex.key for ex in examples]}
+
+
+def to_torch(batch: dict, normalize: Normalize | None = None) -> dict:
+    """Arrays → tensors (zero-copy) and uint8 pixels (a stacked tensor, or the decoded [H, W, 3] arrays) →
+    normalized float, once per batch, in the process that consumes the batch. Float pixels pass through."""
+    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    pixels = out["pixel_values"]
+    if isinstance(pixels, list) or pixels.dtype == torch.uint8:
         if normalize is None:
             raise ValueError("uint8 pixel values need a normalize function")
-        return normalize(stacked), torch.tensor(slots, dtype=torch.long)
-    return stacked.float(), torch.tensor(slots, dtype=torch.long)
+        out["pixel_values"] = normalize(pixels)
+    else:
+        out["pixel_values"] = pixels.float()
+    return out
 
 
 def collate(examples: list[Example], pad_id: int, image_shape: tuple[int, int, int],
             pad_to_multiple: int = 8, normalize: Normalize | None = None) -> dict:
     """Pad every sample to the longest in the batch, rounded up to `pad_to_multiple`."""
-    if not examples:
-        raise ValueError("empty batch")
-    width = _round_up(max(len(ex.input_ids) for ex in examples), pad_to_multiple)
-    bsz = len(examples)
-    input_ids = torch.full((bsz, width), pad_id, dtype=torch.long)
-    labels = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((bsz, width), dtype=torch.long)
-    for i, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        input_ids[i, :n] = torch.tensor(ex.input_ids)
-        labels[i, :n] = torch.tensor(ex.labels)
-        attention[i, :n] = 1
-    pixels, slots = _images([(i, 0, ex) for i, ex in enumerate(examples)], image_shape, normalize)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "pixel_values": pixels,
-            "image_slots": slots, "filler": torch.tensor([ex.filler for ex in examples]),
-            "keys": [ex.key for ex in examples]}
+    return to_torch(collate_arrays(examples, pad_id, image_shape, pad_to_multiple), normalize)
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -103,43 +135,52 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
     return rows
 
 
+def pack_arrays(examples: Sequence[Example], pad_id: int, image_shape: tuple[int, int, int], max_length: int,
+                pad_to_multiple: int = 8, rows: list[list[int]] | None = None, min_rows: int = 0) -> dict:
+    """Packing as numpy arrays (see `collate_arrays`). `rows` (indices into `examples` per row) defaults to
+    first-fit; `min_rows` adds all-padding rows so every step has the same number of rows."""
+    if not examples:
+        raise ValueError("empty batch")
+    if rows is None:
+        rows = pack_rows([len(ex.input_ids) for ex in examples], max_length)
+    placed: list[tuple[int, int, Example]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    seqlens: list[int] = []
+    row_lengths = np.zeros(max(len(rows), min_rows), dtype=np.int64)
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            ex = examples[i]
+            placed.append((r, offset, ex))
+            ids += ex.input_ids
+            labels.append(IGNORE_INDEX)  # the first label of a packed sample never learns from its predecessor
+            labels += ex.labels[1:]
+            seqlens.append(len(ex.input_ids))
+            offset += len(ex.input_ids)
+        row_lengths[r] = offset
+    width = _round_up(int(row_lengths.max()), pad_to_multiple)
+    lens = np.array(seqlens, dtype=np.int64)
+    starts = np.cumsum(lens) - lens
+    positions = (np.arange(int(lens.sum())) - np.repeat(starts, lens)).tolist()
+    segments = np.concatenate([np.arange(1, len(row) + 1) for row in rows if row] or [np.zeros(0, np.int64)])
+    cu = np.zeros(len(seqlens) + 1, dtype=np.int32)
+    cu[1:] = np.cumsum(lens)
+    return {"input_ids": _scatter(width, row_lengths, ids, pad_id),
+            "labels": _scatter(width, row_lengths, labels, IGNORE_INDEX),
+            "attention_mask": (np.arange(width)[None, :] < row_lengths[:, None]).astype(np.int64),
+            "position_ids": _scatter(width, row_lengths, positions, 0),
+            "segment_ids": _scatter(width, row_lengths, np.repeat(segments, lens).tolist(), 0),
+            "cu_seqlens": cu, "max_seqlen": int(lens.max()),
+            "pixel_values": _stack_pixels([ex for _, _, ex in placed], image_shape), "image_slots": _slots(placed),
+            "filler": np.array([ex.filler for _, _, ex in placed], dtype=bool), "keys": [ex.key for _, _, ex in placed]}
+
+
 def pack(examples: list[Example], pad_id: int, image_shape: tuple[int, int, int], max_length: int,
          pad_to_multiple: int = 8, normalize: Normalize | None = None) -> dict:
     """Concatenate samples into as few rows of `max_length` as fit; positions restart and attention stays within
     each sample. The first label of every sample is masked so no sample learns from its predecessor's last token."""
-    if not examples:
-        raise ValueError("empty batch")
-    rows = pack_rows([len(ex.input_ids) for ex in examples], max_length)
-    width = _round_up(max(sum(len(examples[i].input_ids) for i in row) for row in rows), pad_to_multiple)
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros(shape, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    segment_ids = torch.zeros(shape, dtype=torch.long)
-    placed: list[tuple[int, int, Example]] = []
-    seqlens: list[int] = []
-    for r, row in enumerate(rows):
-        offset = 0
-        for seg, i in enumerate(row, start=1):
-            ex = examples[i]
-            n = len(ex.input_ids)
-            input_ids[r, offset:offset + n] = torch.tensor(ex.input_ids)
-            labels[r, offset:offset + n] = torch.tensor(ex.labels)
-            labels[r, offset] = IGNORE_INDEX
-            attention[r, offset:offset + n] = 1
-            position_ids[r, offset:offset + n] = torch.arange(n)
-            segment_ids[r, offset:offset + n] = seg
-            placed.append((r, offset, ex))
-            seqlens.append(n)
-            offset += n
-    pixels, slots = _images(placed, image_shape, normalize)
-    cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(seqlens), 0)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": position_ids,
-            "segment_ids": segment_ids, "cu_seqlens": cu, "max_seqlen": max(seqlens), "pixel_values": pixels,
-            "image_slots": slots, "filler": torch.tensor([ex.filler for _, _, ex in placed]),
-            "keys": [ex.key for _, _, ex in placed]}
+    return to_torch(pack_arrays(examples, pad_id, image_shape, max_length, pad_to_multiple), normalize)
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,6 +11,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,6 +71,9 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     if draft_size is not None and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
+    if img.mode == "RGB":  # convert() would copy the decoded pixels once more
+        img.load()
+        return img
     return img.convert("RGB")
 
 
@@ -114,6 +118,27 @@ def normalize_batch(pixels: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:
     return pixels.float().sub_(mean).mul_(inv_std)
 
 
+def normalize_hwc_batch(pixels: torch.Tensor | np.ndarray | Sequence[np.ndarray], cfg: ImageConfig) -> torch.Tensor:
+    """uint8 images as decoded ([N, H, W, 3], or N arrays [H, W, 3]) → normalized float [N, 3, H, W], contiguous,
+    values identical to `normalize_batch` (same float32 constants, same subtract-then-multiply). Done per image and
+    channel in numpy: one thread, ~1 ms for 8 × 224² (measured), where torch's broadcast ops on a busy 2-core
+    machine took 15 ms with 2 intra-op threads. Reads the source once, so it can copy straight out of a worker's
+    shared buffer or out of the per-sample arrays (no stacking copy)."""
+    if isinstance(pixels, torch.Tensor):
+        pixels = pixels.numpy()
+    mean = (torch.tensor(cfg.mean) * 255.0).numpy()
+    inv_std = (1.0 / (torch.tensor(cfg.std) * 255.0)).numpy()
+    if len(pixels) == 0:
+        return torch.zeros((0, *cfg.shape))
+    h, w, c = pixels[0].shape
+    out = np.empty((len(pixels), c, h, w), dtype=np.float32)
+    for i, img in enumerate(pixels):
+        for ch in range(c):
+            np.subtract(img[..., ch], mean[ch], out=out[i, ch], dtype=np.float32)
+            out[i, ch] *= inv_std[ch]
+    return torch.from_numpy(out)
+
+
 def normalize(img: Image.Image, cfg: ImageConfig) -> torch.Tensor:
     """RGB image → normalized float tensor [3, H, W]."""
     return normalize_batch(to_uint8(img), cfg)
@@ -127,6 +152,12 @@ def preprocess(data: bytes, cfg: ImageConfig, rng: random.Random | None = None) 
 def preprocess_uint8(data: bytes, cfg: ImageConfig, rng: random.Random | None = None) -> torch.Tensor:
     """JPEG bytes → resized uint8 [3, size, size]; normalize later, per batch, with `normalize_batch`."""
     return to_uint8(resize_image(decode_image(data, draft_size=cfg.size), cfg, rng))
+
+
+def preprocess_hwc(data: bytes, cfg: ImageConfig, rng: random.Random | None = None) -> np.ndarray:
+    """JPEG bytes → resized uint8 [size, size, 3] as decoded (no transpose, no torch): the loader's per-sample path.
+    Batches transpose and normalize once with `normalize_hwc_batch`."""
+    return np.asarray(resize_image(decode_image(data, draft_size=cfg.size), cfg, rng))
 
 
 def sample_rng(key: str, epoch: int, seed: int) -> random.Random:

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data import collate as collate_mod
 from mmtrain.data.collate import Example
 from mmtrain.data.cursor import SourceCursor, fresh_position
-from mmtrain.data.images import ImageConfig, normalize_batch, preprocess_uint8, sample_rng
+from mmtrain.data.images import ImageConfig, normalize_hwc_batch, preprocess_hwc, sample_rng
+from mmtrain.data.pixelring import PREFETCH, PixelRing
 from mmtrain.data.plan import Source, make_sources, samples_per_slot
 from mmtrain.data.shardio import ShardReader
 from mmtrain.data.template import Renderer, SampleDropped
@@ -42,7 +44,8 @@ class LoaderConfig:
     data: Any
     """One shard-set directory / manifest, or a mixture: a list of `{shards: DIR | [DIR...], weight: float}`."""
     num_image_slots: int
-    """Placeholder tokens per image, from the model (abstractor 65, cross-attention 1, layer-wise K)."""
+    """Placeholder tokens per image: `mmtrain.model.num_image_slots(config)` (abstractor 65, mlp patches, xattn 1,
+    layerwise 0: no tokens, the image sits at the first token after its mark)."""
     template: str = "owl"
     split: str = "train"
     batch_size: int = 8
@@ -123,8 +126,9 @@ class SlotStream:
     """One slot's (rank, worker) epoch: mixes its sources, renders samples and yields (batch, cursor after it)."""
 
     def __init__(self, cfg: LoaderConfig, sources: list[Source], plan: Plan, renderer: Renderer, pad_id: int,
-                 slot: int, state: dict):
+                 slot: int, state: dict, ring: PixelRing | None = None, worker: int = 0):
         self.cfg, self.plan, self.renderer, self.pad_id, self.slot = cfg, plan, renderer, pad_id, slot
+        self.ring, self.worker = ring, worker
         self.state = state
         self.reader = ShardReader()
         self.weights = [s.weight for s in sources]
@@ -157,9 +161,8 @@ class SlotStream:
             data = raw.get(f"{i}.jpg") or raw.get(f"{i}.png")
             if data is None:
                 raise ValueError(f"{raw['__url__']}: sample {key}: no image member {i}.jpg")
-            pixels.append(preprocess_uint8(data, self.cfg.image, rng))
-        stacked = torch.stack(pixels) if pixels else None
-        return Example(rendered.input_ids, rendered.labels, rendered.image_starts, stacked, key, filler)
+            pixels.append(preprocess_hwc(data, self.cfg.image, rng))
+        return Example(rendered.input_ids, rendered.labels, rendered.image_starts, pixels, key, filler)
 
     def _next_example(self) -> Example:
         dropped: Counter = Counter()
@@ -181,25 +184,46 @@ class SlotStream:
                 raise UserError(f"slot {self.slot}: every sample is dropped ({dict(dropped)}); check max_length")
 
     def _collate(self, examples: list[Example]) -> dict:
-        norm = partial(normalize_batch, cfg=self.cfg.image)
+        """numpy arrays + one uint8 pixel tensor; the consuming process finishes them (`collate.to_torch`)."""
         if self.cfg.pack:
-            return collate_mod.pack(examples, self.pad_id, self.cfg.image.shape, self.cfg.max_length,
-                                    self.cfg.pad_to_multiple, norm)
-        return collate_mod.collate(examples, self.pad_id, self.cfg.image.shape, self.cfg.pad_to_multiple, norm)
+            return collate_mod.pack_arrays(examples, self.pad_id, self.cfg.image.shape, self.cfg.max_length,
+                                           self.cfg.pad_to_multiple)
+        return collate_mod.collate_arrays(examples, self.pad_id, self.cfg.image.shape, self.cfg.pad_to_multiple)
+
+    def _ship_pixels(self, batch: dict, k: int) -> None:
+        """In a worker, decoded images go into the shared ring (or, if they do not fit, one uint8 tensor)."""
+        images = batch["pixel_values"]
+        if not isinstance(images, list) or get_worker_info() is None:
+            return
+        ref = self.ring.put(self.worker, k, images) if self.ring is not None else None
+        if ref is not None:
+            batch["pixel_values"] = None
+            batch["pixel_ring"] = ref
+        else:
+            batch["pixel_values"] = torch.from_numpy(np.stack(images))
 
     def batches(self) -> Iterator[dict]:
         sizes = self.plan.batch_sizes(self.cfg.batch_size)
         done = self.state["batches"]
+        sent = 0
         try:
             for size in sizes[done:]:
                 examples = [self._next_example() for _ in range(size)]
                 self.state["batches"] += 1
                 self.state["sources"] = [dict(c.position) for c in self.cursors]
                 batch = self._collate(examples)
+                self._ship_pixels(batch, sent)
+                sent += 1
                 batch["cursor"] = (self.slot, _copy_state(self.state))
                 yield batch
         finally:
             self.reader.close()
+
+
+def _as_sent(batch: dict) -> dict:
+    """DataLoader collate_fn: keep the worker's numpy arrays as they are. The default would turn each into a tensor,
+    and every tensor crosses to the main process as its own shared-memory file (~0.6 ms each, measured)."""
+    return batch
 
 
 def _copy_state(state: dict) -> dict:
@@ -219,6 +243,7 @@ class StreamDataset(IterableDataset):
         self.renderer, self.pad_id, self.rank = loader.renderer, loader.pad_id, loader.rank
         self.states = {slot: _copy_state(s) for slot, s in loader.slots.items()}
         self.rotation = rotation
+        self.ring = loader.ring
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -226,7 +251,7 @@ class StreamDataset(IterableDataset):
         logical = (worker + self.rotation) % self.plan.workers
         slot = self.rank * self.plan.workers + logical
         yield from SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
-                              self.states[slot]).batches()
+                              self.states[slot], self.ring, worker).batches()
 
 
 class StreamLoader:
@@ -247,20 +272,32 @@ class StreamLoader:
         self.slots = {s: initial_state(len(self.sources)) for s in range(first, first + self.plan.workers)}
         self.epoch = 0
         self.batches_in_epoch = 0
+        self.ring: PixelRing | None = None
 
     def __len__(self) -> int:
         return self.plan.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict]:
         rotation = self.batches_in_epoch % self.plan.workers
+        workers = self.cfg.num_workers
+        if workers and self.ring is None:  # mapped before the workers fork; reused by every epoch
+            self.ring = PixelRing(workers, self.cfg.batch_size, self.cfg.image.size)  # more images: a tensor
         dataset = StreamDataset(self, rotation)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                            persistent_workers=False)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                            collate_fn=_as_sent, prefetch_factor=PREFETCH if workers else None)
+        normalize = partial(normalize_hwc_batch, cfg=self.cfg.image)
         for batch in loader:
             slot, state = batch.pop("cursor")
+            ref = batch.pop("pixel_ring", None)
+            if ref is not None:
+                assert self.ring is not None
+                batch["pixel_values"] = self.ring.view(ref)
+            out = collate_mod.to_torch(batch, normalize)  # copies the pixels out of the ring slot
+            if ref is not None:
+                self.ring.check(ref)
             self.slots[slot] = state
             self.batches_in_epoch += 1
-            yield batch
+            yield out
         assert self.batches_in_epoch == self.plan.steps_per_epoch, (self.batches_in_epoch, self.plan.steps_per_epoch)
         self.epoch += 1
         self.batches_in_epoch = 0

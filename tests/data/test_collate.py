@@ -76,3 +76,28 @@ def test_block_causal_mask_values():
     m = block_causal_mask(torch.tensor([[1, 1, 2, 0]]))
     allowed = (m[0, 0] == 0).int().tolist()
     assert allowed == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+
+
+def test_zero_slot_positions_shift_with_the_sample_in_a_packed_row():
+    """Layer-wise adapters: image_slots[:, 1] = first token after the mark, moved by the sample's row offset."""
+    from loader_fixtures import make_conversation, tiny_tokenizer
+
+    from mmtrain.data.template import Renderer
+
+    tok = tiny_tokenizer()
+    renderer = Renderer(tok, "owl", 0)
+    rendered = [renderer.render(make_conversation(i, n, turns=2)) for i, n in ((1, 2), (2, 0), (3, 1))]
+    examples = [Example(r.input_ids, r.labels, r.image_starts,
+                        torch.zeros((len(r.image_starts), *SHAPE)) if r.image_starts else None, f"k{i}")
+                for i, r in enumerate(rendered)]
+    a, b, c = (len(r) for r in rendered)
+    packed = pack(examples, 0, SHAPE, max_length=a + b + c)
+    starts = [s for r, off in zip(rendered, (0, a, a + b)) for s in (off + x for x in r.image_starts)]
+    assert packed["input_ids"].shape[0] == 1
+    assert packed["image_slots"].tolist() == [[0, s] for s in starts]
+    assert starts == [rendered[0].image_starts[0], rendered[0].image_starts[1], a + b + rendered[2].image_starts[0]]
+    flat = [t for r in rendered for t in r.input_ids]
+    assert [packed["input_ids"][0, s].item() for s in starts] == [flat[s] for s in starts]
+    padded = collate(examples, 0, SHAPE)
+    assert padded["image_slots"].tolist() == [[0, s] for s in rendered[0].image_starts] + [
+        [2, rendered[2].image_starts[0]]]

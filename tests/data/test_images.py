@@ -60,3 +60,14 @@ def test_augmentation_off_by_default_and_seeded():
     for epoch in range(20):  # no flip without hflip: the left bar stays on the left
         out = preprocess(jpeg(text), aug, sample_rng("t", epoch, 0))
         assert out[0, :, 0].mean() > out[0, :, -1].mean()
+
+
+def test_batch_normalize_from_decoded_layout_is_identical():
+    from mmtrain.data.images import normalize_batch, normalize_hwc_batch
+
+    cfg = ImageConfig(size=6)
+    hwc = np.random.default_rng(0).integers(0, 256, (3, 6, 6, 3), dtype=np.uint8)
+    ref = normalize_batch(torch.from_numpy(hwc).permute(0, 3, 1, 2), cfg)
+    for given in (torch.from_numpy(hwc), hwc, list(hwc)):
+        out = normalize_hwc_batch(given, cfg)
+        assert out.shape == (3, 3, 6, 6) and out.is_contiguous() and torch.equal(out, ref)

@@ -1,5 +1,7 @@
 """Label masks: only assistant text + EOS learn; layouts spelled out literally; truncation drops what cannot learn."""
 
+from dataclasses import replace
+
 import pytest
 from loader_fixtures import tiny_tokenizer
 
@@ -141,3 +143,62 @@ def test_render_masked_marks_everything_not_learned():
     assert "[[<image×65>]]" in text
     assert "AI: ]]Cotton, blue." + tok.eos_token + "[[\nHuman: Compare it with ]][[<image×65>]]" in text
     assert text.endswith("The shirt." + tok.eos_token + "[[\n]]")
+
+
+# Layer-wise adapters: 0 slots per image. Positions below were read off the tiny tokenizer once and are asserted
+# literally, on top of the layout-derived expectation.
+ZERO_SLOT_STARTS = {"owl": [121, 168], "alpaca": [82, 149]}
+ZERO_SLOT_LENGTH = {"owl": 219, "alpaca": 260}
+
+
+@pytest.mark.parametrize("name", ["owl", "alpaca"])
+def test_zero_slots_mark_renders_to_nothing_and_records_next_token(name):
+    tok = tiny_tokenizer()
+    r = Renderer(tok, name, 0).render(CONV, num_images=2, key="k")
+    layout = [(p, learned) for p, learned in LAYOUT[name]]
+    ids, learned_positions, image_starts = expected_with_slots(tok, layout, 0)
+    assert r.input_ids == ids and image_token_id(tok) not in r.input_ids
+    assert [i for i, label in enumerate(r.labels) if label != IGNORE_INDEX] == learned_positions
+    assert r.image_starts == image_starts == ZERO_SLOT_STARTS[name]
+    assert len(r) == ZERO_SLOT_LENGTH[name] and r.num_slots == 0
+    # the recorded position is the first token of the text that followed the mark
+    after = "\nWhat is this shirt made of?" if name == "owl" else "\n\n"
+    first = image_starts[0]
+    assert r.input_ids[first:first + len(tok.encode(after, add_special_tokens=False))] == tok.encode(
+        after, add_special_tokens=False)
+    # same ids as the 4-slot rendering with the placeholder runs taken out
+    four = Renderer(tok, name, SLOTS).render(CONV)
+    assert [t for t in four.input_ids if t != image_token_id(tok)] == r.input_ids
+    assert [s - SLOTS * k for k, s in enumerate(four.image_starts)] == r.image_starts
+    assert render_masked(tok, name, CONV, 0).count("[[<image×0>]]") == 2
+
+
+def expected_with_slots(tok, layout, slots):
+    ids, learned_positions, image_starts = [], [], []
+    for piece, learned in layout:
+        if piece is IMG:
+            image_starts.append(len(ids))
+            continue
+        p = ([tok.bos_token_id] if piece is BOS else [tok.eos_token_id] if piece is EOS
+             else tok.encode(piece, add_special_tokens=False))
+        if learned:
+            learned_positions += range(len(ids), len(ids) + len(p))
+        ids += p
+    assert slots == 0
+    return ids, learned_positions, image_starts
+
+
+def test_zero_slots_mark_at_the_end_is_clamped_and_truncation_drops_unseen_images():
+    tok = tiny_tokenizer()
+    renderer = Renderer(tok, "owl", 0)
+    renderer.template = replace(renderer.template, user_suffix="")  # nothing is emitted after a final mark
+    conv = CONV[:2] + [{"role": "user", "content": "And this one? <image>"}]
+    r = renderer.render(conv, num_images=2)
+    assert r.image_starts == [121, len(r) - 1]  # would be len(r): clamped onto the sample's last token
+    # a cut exactly at an image's position leaves no token that could see it: the image is dropped
+    cut = Renderer(tok, "owl", 0, max_length=168).render(CONV)
+    assert len(cut) == 168 and cut.truncated and cut.image_starts == [121]
+    kept = Renderer(tok, "owl", 0, max_length=169).render(CONV)
+    assert kept.image_starts == [121, 168]
+    with pytest.raises(ValueError, match="num_image_slots must be >= 0, got -1"):
+        Renderer(tok, "owl", -1)

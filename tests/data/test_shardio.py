@@ -1,0 +1,40 @@
+"""Shard reading: the direct ustar header walk and the tarfile fallback index the same samples, and a sample reads
+back exactly as webdataset's own tar reader groups it."""
+
+import json
+
+import webdataset as wds
+
+from mmtrain.data.shardio import ShardReader, _tarfile_members, _ustar_members
+from mmtrain.data.tarmember import end_of_archive, tar_member
+
+
+def write_ustar(path, samples):
+    out = b"".join(tar_member(f"{key}.{ext}", data) for key, members in samples for ext, data in members)
+    path.write_bytes(out + end_of_archive(len(out)))
+
+
+def test_ustar_walk_equals_tarfile_and_webdataset(tmp_path):
+    long_key = "x" * 120  # too long for ustar: the builder writes a GNU header, so the fallback takes over
+    samples = [("a1", [("json", b'{"n": 1}'), ("0.jpg", b"\xff" * 700)]),
+               ("b2", [("json", b'{"n": 2}'), ("0.jpg", b"1" * 512), ("1.JPG", b"2" * 3)])]
+    plain = tmp_path / "plain.tar"
+    write_ustar(plain, samples)
+    with open(plain, "rb") as f:
+        fast = list(_ustar_members(f))
+    assert fast == list(_tarfile_members(str(plain))) and len(fast) == 5
+    gnu = tmp_path / "gnu.tar"
+    write_ustar(gnu, samples + [(long_key, [("json", b'{"n": 3}')])])
+    with open(gnu, "rb") as f:
+        assert _ustar_members(f) is None
+    reader = ShardReader()
+    for path, n in ((plain, 2), (gnu, 3)):
+        theirs = list(wds.WebDataset(str(path), shardshuffle=False))
+        mine = [reader.read(str(path), i) for i in range(len(reader.index(str(path))))]
+        assert len(mine) == len(theirs) == n
+        for m, t in zip(mine, theirs):
+            assert m["__key__"] == t["__key__"] and m["json"] == json.loads(t["json"])
+            assert {k: v for k, v in m.items() if k != "json"} == {k: v for k, v in t.items()
+                                                                  if k not in ("json", "__local_path__")}
+    assert reader.read(str(plain), 1)["1.jpg"] == b"222"  # extensions lower-cased, as group_by_keys does
+    reader.close()
