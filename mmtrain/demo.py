@@ -20,14 +20,14 @@ RECIPE = REPO / "launch" / "recipes" / "tiny-cpu.yaml"
 
 
 def _stage_summary(run: Path) -> list[dict[str, Any]]:
-    stages: dict[str, dict[str, Any]] = {}
+    stages: dict[str, dict[int, float]] = {}
     for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        entry = stages.setdefault(record["stage"], {"stage": record["stage"], "losses": []})
-        entry["losses"].append(record["loss"])
+        record = json.loads(line)  # a resumed run logs the steps after its checkpoint again: the last one counts
+        stages.setdefault(record["stage"], {})[record["step"]] = record["loss"]
     out = []
-    for entry in stages.values():
-        losses = entry.pop("losses")
+    for name, by_step in stages.items():
+        losses = [by_step[s] for s in sorted(by_step)]
+        entry: dict[str, Any] = {"stage": name}
         k = max(1, min(5, len(losses) // 4))
         entry.update(steps=len(losses), first_loss=sum(losses[:k]) / k, last_loss=sum(losses[-k:]) / k)
         out.append(entry)

@@ -253,8 +253,9 @@ class Trainer:
                 samples += int((~batch["filler"]).sum()) if "filler" in batch else batch["input_ids"].shape[0]
                 tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else 0
             step += 1
+            # On the device: NCCL reduces only device tensors (gloo takes either).
             stats = torch.tensor([torch.stack(losses).mean().item(), samples, tokens, float(self.preemption.requested)],
-                                 dtype=torch.float64)
+                                 dtype=torch.float64, device=self.device)
             flags = stats[3:].clone()
             dist.all_reduce(stats[:3])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
