@@ -101,7 +101,8 @@ class VisionLanguageModel(nn.Module):
         return embeds.index_put((rows, cols), tokens.reshape(-1, width).to(embeds.dtype))
 
     def prepare_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_slots: torch.Tensor | None = None,
-                       past_length: int = 0, reuse_media: bool = False) -> torch.Tensor:
+                       past_length: int = 0, reuse_media: bool = False,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings with images spliced in (splicing connectors) or the connector conditioned (the others).
 
         `reuse_media=True` (cached decoding) skips the vision path and keeps the media of the prefill call.
@@ -111,7 +112,7 @@ class VisionLanguageModel(nn.Module):
             ids = torch.where(input_ids == self.config.image_token_id, torch.zeros_like(input_ids), input_ids)
         embeds = self.llm.get_input_embeddings()(ids)
         if reuse_media:
-            self._set_token_positions(input_ids, past_length)
+            self._set_token_positions(input_ids, past_length, position_ids)
             return embeds
         tokens, dummy = self.encode_images(pixel_values, embeds.device)
         if not dummy:
@@ -121,14 +122,19 @@ class VisionLanguageModel(nn.Module):
                 return embeds + 0.0 * tokens.sum().to(embeds.dtype)
             return self._splice(embeds, tokens, image_slots)
         self.connector.condition(build_media(tokens, None if dummy else image_slots.to(tokens.device), input_ids.shape[0]))
-        self._set_token_positions(input_ids, past_length)
+        self._set_token_positions(input_ids, past_length, position_ids)
         return embeds
 
-    def _set_token_positions(self, input_ids: torch.Tensor, past_length: int) -> None:
+    def _set_token_positions(self, input_ids: torch.Tensor, past_length: int,
+                             position_ids: torch.Tensor | None = None) -> None:
+        """Row positions of this call's tokens and, from `position_ids` (which restart per packed sample, and
+        skip left padding), where each token's sample starts: a token sees only its own sample's images."""
         media = getattr(self.connector, "_media", None)
         if media is not None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device) + past_length
             media.token_positions = positions[None].expand(input_ids.shape[0], -1)
+            media.segment_starts = (None if position_ids is None
+                                    else media.token_positions - position_ids.to(input_ids.device).long())
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -137,7 +143,7 @@ class VisionLanguageModel(nn.Module):
                 reuse_media: bool = False) -> Any:
         """LM loss (mean over labels != -100, HF's shift) and logits; `position_ids` pass through (packing)."""
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        embeds = self.prepare_inputs(input_ids, pixel_values, image_slots, past_length, reuse_media)
+        embeds = self.prepare_inputs(input_ids, pixel_values, image_slots, past_length, reuse_media, position_ids)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
                         past_key_values=past_key_values, use_cache=use_cache)
 

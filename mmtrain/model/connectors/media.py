@@ -24,6 +24,8 @@ class MediaState:
     """[B, M] long: row position of each image's `<image>` mark; NO_MEDIA where absent."""
     token_positions: torch.Tensor | None = None
     """[B, T] long: row positions of the tokens of the current call (arange, or past length + arange when cached)."""
+    segment_starts: torch.Tensor | None = None
+    """[B, T] long: row position where each token's sample starts (packed rows hold several); None: 0."""
 
     def visibility(self, immediate_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(key mask [B, T, M*L] bool, has_media [B, T, 1] float) for the current call's tokens."""
@@ -31,6 +33,8 @@ class MediaState:
             raise RuntimeError("MediaState.token_positions is unset: the VLM sets it before each LLM call")
         batch, num_media, length, _ = self.tokens.shape
         visible = self.positions[:, None, :] <= self.token_positions[:, :, None]  # [B, T, M]
+        if self.segment_starts is not None:  # packing: never an image of an earlier sample in the same row
+            visible &= self.positions[:, None, :] >= self.segment_starts[:, :, None]
         count = visible.sum(-1)  # images are sorted by position, so the visible ones are the first `count`
         if immediate_only:
             index = torch.arange(num_media, device=visible.device)
