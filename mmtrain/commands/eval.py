@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score at most N samples (in shard order)")
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap (default 64)")
-    parser.add_argument("--template", default="owl", help="chat template the model was trained with (default owl)")
+    parser.add_argument("--template", help="chat template (default: the one recorded with the model, else owl)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     parser.add_argument("--no-loss", action="store_true", help="skip the teacher-forced answer loss")
     parser.set_defaults(func=run_eval)

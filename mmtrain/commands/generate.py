@@ -11,7 +11,7 @@ from mmtrain.errors import UserError
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--model", required=True, help="model directory (mmtrain export, or a run's stages/NAME)")
-    parser.add_argument("--template", default="owl", help="chat template the model was trained with (default owl)")
+    parser.add_argument("--template", help="chat template (default: the one recorded with the model, else owl)")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0)

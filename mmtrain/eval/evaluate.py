@@ -49,7 +49,7 @@ def read_samples(shards_dir: str | Path, split: str, tasks: Sequence[str] | None
 
 def evaluate(model_dir: str | Path | LoadedModel, shards_dir: str | Path, split: str = "val",
              tasks: Sequence[str] | None = None, blank_images: bool = False, limit: int | None = None,
-             batch_size: int = 16, max_new_tokens: int = 64, template: str = "owl", with_loss: bool = True,
+             batch_size: int = 16, max_new_tokens: int = 64, template: str | None = None, with_loss: bool = True,
              predictions: list[dict[str, Any]] | None = None, device: str | None = None,
              progress: bool = False) -> dict[str, dict[str, Any]]:
     """{task: metrics} for the model on `split` of `shards_dir` (see docs/eval.md for every metric). Greedy

@@ -61,7 +61,15 @@ class LoadedModel:
         return Renderer(self.tokenizer, self.template, self.model.num_image_slots)
 
 
-def load_model(model_dir: str | Path, template: str = "owl", device: str | torch.device | None = None,
+def recorded_template(folder: Path) -> str:
+    """The chat template the trainer recorded beside the weights (`mmtrain.json`), else mPLUG-Owl's."""
+    info = folder / "mmtrain.json"
+    if info.is_file():
+        return str(json.loads(info.read_text(encoding="utf-8")).get("template") or "owl")
+    return "owl"
+
+
+def load_model(model_dir: str | Path, template: str | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> LoadedModel:
     """A VisionLanguageModel directory (`mmtrain export` output or a trainer `stages/<name>/` folder) with its
     tokenizer; an unmerged `adapter/` (export without `--merge`) is loaded on top of the base weights."""
@@ -76,6 +84,7 @@ def load_model(model_dir: str | Path, template: str = "owl", device: str | torch
                         "use `mmtrain export` on a checkpoint)")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise UserError(f"{folder}: no tokenizer files beside the model")
+    template = template or recorded_template(folder)
     try:
         get_template(template)
     except ValueError as exc:

@@ -146,6 +146,9 @@ class Trainer:
         self.results: list[StageResult] = []
         self.steps_this_process = 0
 
+    def image_config_json(self) -> dict[str, Any]:
+        return {**self.image_config.__dict__, "mean": list(self.image_config.mean), "std": list(self.image_config.std)}
+
     # ---- paths --------------------------------------------------------------------------------------------------
     @property
     def checkpoints(self) -> Path:
@@ -292,13 +295,13 @@ class Trainer:
                              "precision": self.precision, "model_config": self.config.to_dict(),
                              "lora": stage.lora.__dict__ if stage.train.llm == "lora" or stage.lora.roles else None}
             ckpt.mark_complete(folder, trainer_state, self.recipe.to_dict(), self.recipe.tokenizer,
-                               self.image_config.__dict__ | {"mean": list(self.image_config.mean),
-                                                             "std": list(self.image_config.std)})
+                               self.image_config_json())
         dist.barrier()
         return folder
 
     def _finish_stage(self, engine, stage: StageSpec, index: int, loader) -> None:
         self.save(engine, loader, stage, index, stage.steps)
-        save_stage_weights(engine.module, self.stage_dir(stage), self.rank, self.recipe.tokenizer)
+        save_stage_weights(engine.module, self.stage_dir(stage), self.rank, self.recipe.tokenizer,
+                           self.recipe.template, self.image_config_json())
         dist.barrier()
         self.metrics.close_bar()

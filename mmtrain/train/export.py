@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from mmtrain.errors import UserError
@@ -62,8 +63,12 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path,
-                    tokenizer_dir: str | os.PathLike | None) -> None:
-    """A VisionLanguageModel directory, plus `llm/` that `AutoModelForCausalLM.from_pretrained` loads on its own."""
+                    tokenizer_dir: str | os.PathLike | None, template: str | None = None,
+                    image_config: dict[str, Any] | None = None) -> None:
+    """A VisionLanguageModel directory, plus `llm/` that `AutoModelForCausalLM.from_pretrained` loads on its own.
+
+    `mmtrain.json` (chat template) and `image_processor.json` (the trainer's preprocessing) go beside the weights,
+    so eval / generate / chat use exactly what training used without being told."""
     from transformers import AutoConfig
 
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +82,10 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
     if text.get("tie_word_embeddings"):
         llm_state.pop("lm_head.weight", None)
     save_file({k: v.clone() for k, v in llm_state.items()}, str(llm_dir / "model.safetensors"), metadata={"format": "pt"})
+    if template:
+        ckpt.write_json_atomic(out / "mmtrain.json", {"template": template})
+    if image_config:
+        ckpt.write_json_atomic(out / "image_processor.json", image_config)
     if tokenizer_dir and Path(tokenizer_dir).is_dir():
         for target in (out, llm_dir):
             for item in Path(tokenizer_dir).iterdir():
@@ -108,7 +117,8 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def save_stage_weights(module: torch.nn.Module, out: Path, rank: int, tokenizer_dir: str | None) -> None:
+def save_stage_weights(module: torch.nn.Module, out: Path, rank: int, tokenizer_dir: str | None,
+                       template: str | None = None, image_config: dict[str, Any] | None = None) -> None:
     """Collective: the stage's final weights (LoRA merged) as a model directory that the next stage starts from."""
     state = gathered_state_dict(module, rank)
     if rank != 0:
@@ -117,7 +127,7 @@ def save_stage_weights(module: torch.nn.Module, out: Path, rank: int, tokenizer_
     if lora is not None:
         state = merge_lora(state, lora.r, lora.lora_alpha)
     tmp = _atomic_dir(out)
-    write_model_dir(state, module.config, tmp, tokenizer_dir)
+    write_model_dir(state, module.config, tmp, tokenizer_dir, template, image_config)
     ckpt.write_json_atomic(tmp / ckpt.COMPLETE, {"weights": WEIGHTS_NAME, "lora_merged": lora is not None})
     _move_into_place(tmp, out)
 
@@ -141,17 +151,19 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     config = VLMConfig.from_dict(trainer_state["model_config"])
     tokenizer = checkpoint / "tokenizer"
     lora = trainer_state.get("lora")
+    template = yaml.safe_load((checkpoint / "recipe.yaml").read_text(encoding="utf-8")).get("template")
+    image_config = json.loads((checkpoint / "image_processor.json").read_text(encoding="utf-8"))
+    extras = {"template": template, "image_config": image_config}
     has_lora = any(".lora_" in k for k in state)
     tmp = _atomic_dir(out)
     if has_lora and merge:
-        write_model_dir(merge_lora(state, lora["r"], lora["alpha"]), config, tmp, tokenizer)
+        write_model_dir(merge_lora(state, lora["r"], lora["alpha"]), config, tmp, tokenizer, **extras)
     elif has_lora:
         base, adapter = split_lora(state)
-        write_model_dir(base, config, tmp, tokenizer)
+        write_model_dir(base, config, tmp, tokenizer, **extras)
         write_adapter(adapter, lora, tmp / ADAPTER_SUBDIR)
     else:
-        write_model_dir(state, config, tmp, tokenizer)
-    shutil.copy2(checkpoint / "image_processor.json", tmp / "image_processor.json")
+        write_model_dir(state, config, tmp, tokenizer, **extras)
     ckpt.write_json_atomic(tmp / "export.json", {"checkpoint": str(checkpoint), "stage": trainer_state["stage"],
                                                  "step": trainer_state["step"], "lora_merged": bool(has_lora and merge),
                                                  "adapter": bool(has_lora and not merge)})
