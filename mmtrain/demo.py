@@ -89,11 +89,43 @@ def run_demo(out: Path, ranks: int = 2, catalog: Path | None = None, steps_scale
     for line in (run / "stages.jsonl").read_text(encoding="utf-8").splitlines():
         event = json.loads(line)
         trainable[event["stage"]] = event["trainable"]
+    tick = time.perf_counter()
+    quality = evaluate_demo(model_dir, shards["mm"], out / "eval")
+    timings["eval"] = time.perf_counter() - tick
     report = {"stages": _stage_summary(run), "train_parts": trainable, "model": str(model_dir),
-              "checkpoint": str(final.path), "ranks": ranks, "seconds": {**timings,
-                                                                          "total": time.perf_counter() - started}}
+              "checkpoint": str(final.path), "ranks": ranks, "quality": quality,
+              "seconds": {**timings, "total": time.perf_counter() - started}}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
+
+
+HEADLINE = (("category", "master_acc", "master category"), ("attribute_qa", "colour", "colour (attribute QA)"),
+            ("attributes", "colour", "colour (attribute extraction)"), ("category", "leaf_acc", "article type"))
+
+
+def _metric(metrics: dict[str, Any], task: str, key: str) -> float | None:
+    value = metrics.get(task, {}).get(key)
+    if value is None:  # per-attribute scores live in a nested mapping
+        for nested in metrics.get(task, {}).values():
+            if isinstance(nested, dict) and key in nested:
+                return nested[key]
+    return value
+
+
+def evaluate_demo(model_dir: Path, shards: Path, out: Path) -> dict[str, Any]:
+    """Validation scores of the trained model, the same with every image grey, and the majority baseline."""
+    from mmtrain.eval import evaluate, format_table, load_model, majority_baseline, write_results
+
+    loaded = load_model(model_dir)
+    predictions: list[dict[str, Any]] = []
+    model = evaluate(loaded, shards, split="val", batch_size=32, max_new_tokens=48, predictions=predictions)
+    blank = evaluate(loaded, shards, split="val", batch_size=32, max_new_tokens=48, blank_images=True)
+    baseline = majority_baseline(shards, split="val")
+    write_results(out / "metrics.json", {"model": model, "blank_images": blank, "majority": baseline}, predictions)
+    print(format_table(model, baseline, blank))
+    headline = {label: {"model": _metric(model, t, k), "blank_images": _metric(blank, t, k),
+                        "majority": _metric(baseline, t, k)} for t, k, label in HEADLINE}
+    return {"headline": headline, "metrics": str(out / "metrics.json")}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -101,5 +133,10 @@ def print_report(report: dict[str, Any]) -> None:
     for s in report["stages"]:
         parts = report["train_parts"].get(s["stage"], {})
         print(f"{s['stage']:<10} {s['steps']:>5} {s['first_loss']:>10.4f} {s['last_loss']:>10.4f}  {parts}")
+    print(f"\n{'validation accuracy':<32} {'model':>7} {'grey images':>12} {'majority':>9}")
+    for label, row in report["quality"]["headline"].items():
+        cells = ["–" if row[k] is None else f"{row[k]:.3f}" for k in ("model", "blank_images", "majority")]
+        print(f"{label:<32} {cells[0]:>7} {cells[1]:>12} {cells[2]:>9}")
     secs = report["seconds"]
-    print(f"time: {secs['total']:.0f} s (training {secs['train']:.0f} s); exported model → {report['model']}")
+    print(f"time: {secs['total']:.0f} s (training {secs['train']:.0f} s, evaluation {secs['eval']:.0f} s); "
+          f"exported model → {report['model']}")
