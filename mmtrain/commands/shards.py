@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--slots", type=int, default=1, help="slots per image for --render")
     inspect.set_defaults(func=run_inspect)
 
+    from mmtrain.commands.shards_merge import add_merge_arguments, run_merge
+
+    merge = sub.add_parser("merge", help="merge shard sets built from parts of one catalog → one manifest")
+    add_merge_arguments(merge)
+    merge.set_defaults(func=run_merge)
+
 
 def run_build(args: argparse.Namespace) -> int:
     from mmtrain.data.build import build_from_catalog, build_from_format

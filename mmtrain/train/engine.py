@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from mmtrain.data.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, num_image_slots
 from mmtrain.train import checkpoint as ckpt
+from mmtrain.train import preemption
 from mmtrain.train.export import save_stage_weights
 from mmtrain.train.dsconfig import deepspeed_config, resolve_precision, zero_stage
 from mmtrain.train.logging import MetricsLogger
@@ -67,15 +67,15 @@ class StageEngine:
 
 
 class _Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
+    """SIGTERM / SIGUSR1 set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly.
+    (`python -m mmtrain.train` installs the handlers before its imports: a signal during start-up counts too.)"""
 
     def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        preemption.install()
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return preemption.requested
 
 
 def _quiet_libraries() -> None:
