@@ -91,7 +91,8 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_manifest(manifest: dict[str, Any], file=sys.stdout) -> None:
+def print_manifest(manifest: dict[str, Any], file=None) -> None:
+    file = file or sys.stdout  # looked up at call time: a default bound at import outlives a redirected stdout
     splits = manifest["splits"]
     tasks = sorted({t for s in splits.values() for t in s["tasks"]})
     header = ["split", "shards", "products", "samples", "images"] + tasks

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmtrain.data.writer import MANIFEST, REJECTS, read_manifest
+from mmtrain.data.writer import MANIFEST, REJECTS, read_manifest, replace_dir
 from mmtrain.errors import UserError
 
 MODES = ("link", "copy")
@@ -158,13 +158,7 @@ def merge_shard_sets(parts: Sequence[str | Path], out: str | Path, mode: str = "
         tmp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True) + "\n",
                                 encoding="utf-8")
         os.replace(tmp_manifest, tmp / MANIFEST)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

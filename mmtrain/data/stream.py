@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch

@@ -206,7 +206,7 @@ def build_shards(inputs: Iterable[WorkItem | Reject], options: BuildOptions, met
             **meta,
         }
         _write_json_atomic(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         for sink in sinks.values():
             sink.close()
@@ -215,7 +215,7 @@ def build_shards(inputs: Iterable[WorkItem | Reject], options: BuildOptions, met
     return BuildSummary(out, manifest, reject_counts, rows)
 
 
-def _replace_dir(new: Path, out: Path) -> None:
+def replace_dir(new: Path, out: Path) -> None:
     """Move a finished build into place; an existing output is swapped out first and removed only afterwards."""
     old = None
     if out.exists():

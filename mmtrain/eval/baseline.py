@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mmtrain.data.tasks import TASKS
-from mmtrain.eval.metrics import parse_attributes
 from mmtrain.eval.scoring import attribute_name, category_kind, freeform_question, score_items
 
 

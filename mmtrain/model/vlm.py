@@ -177,14 +177,19 @@ class VisionLanguageModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "VisionLanguageModel":
         path = Path(directory)
         model = cls.from_config(VLMConfig.from_pretrained(path))
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights}: missing weights")
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as handle:
-            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-        state = load_file(str(weights))
-        state.update({alias: state[source] for alias, source in aliases.items()})
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(read_weights(path), strict=True)
         return model.to(dtype) if dtype is not None else model
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """A model directory's tensors by name, tied weights (stored once, listed as aliases) under every name."""
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing weights")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(weights))
+    state.update({alias: state[source] for alias, source in aliases.items()})
+    return state

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from mmtrain.config import Recipe, StageSpec
 from mmtrain.errors import UserError
 from mmtrain.model import VisionLanguageModel, VLMConfig, apply_stage_policy, preset_config
 from mmtrain.model.lora import trainable_parameter_groups
-from mmtrain.model.vlm import WEIGHTS_NAME
+from mmtrain.model.vlm import WEIGHTS_NAME, read_weights
 from mmtrain.train.zero import load_into
 
 
@@ -63,17 +62,9 @@ def initial_state(recipe: Recipe, config: VLMConfig) -> dict[str, torch.Tensor]:
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
+    if not (folder / WEIGHTS_NAME).is_file():
         raise UserError(f"{folder}: no {WEIGHTS_NAME} (not a VisionLanguageModel directory)")
-    from safetensors import safe_open
-    import json
-
-    with safe_open(str(weights), framework="pt") as handle:
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-    state = load_file(str(weights))
-    state.update({alias: state[source] for alias, source in aliases.items()})
-    return state
+    return read_weights(folder)
 
 
 def stage_weights(folder: Path) -> dict[str, torch.Tensor]:

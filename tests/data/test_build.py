@@ -17,7 +17,6 @@ from PIL import Image
 
 from mmtrain.cli import main
 from mmtrain.data.build import build_from_catalog
-from mmtrain.data.records import Reject
 from mmtrain.data.tasks import TASKS
 from mmtrain.data.writer import BuildOptions, build_shards, read_manifest
 from mmtrain.errors import UserError

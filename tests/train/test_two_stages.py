@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from mmtrain.config import load_recipe
 from mmtrain.data.tokenizer import load_tokenizer
 from mmtrain.launching import run_ranks
-from mmtrain.model import VisionLanguageModel, load_adapter
+from mmtrain.model import VisionLanguageModel
 from mmtrain.train.checkpoint import list_complete
 from mmtrain.train.stage_model import initial_state, model_config
 
@@ -100,7 +100,7 @@ def test_export_matches_the_engine_and_loads_in_hf_and_peft(two_stage_run, tmp_p
     script = f"""
 import sys, torch
 from safetensors.torch import load_file
-from mmtrain.model import VisionLanguageModel, load_adapter
+from mmtrain.model import VisionLanguageModel
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 dump = load_file({str(dump)!r})
