@@ -21,10 +21,11 @@ for spec in "$@"; do
   # shellcheck disable=SC2086
   $py -m deepspeed.launcher.runner --num_gpus 1 --master_port 29544 --module mmtrain.train \
       --recipe launch/recipes/tiny-cpu.yaml --out "$run" --set precision=fp32 --set "tokenizer=$out/tok" \
-      --set "stages.0.data.0.shards=$out/mm" --set "stages.1.data.0.shards=$out/mm" \
-      --set "stages.1.data.1.shards=$out/text" --set stages.0.micro_batch=16 $sets > "$run.log" 2>&1 || { tail -n 20 "$run.log"; continue; }
-  ckpt=$(ls -d "$run"/checkpoints/stage1-* | sort | tail -n 1)
-  $py -m mmtrain export --checkpoint "$ckpt" --out "$run/model" --merge-lora > /dev/null 2>&1
+      $($py -c "from mmtrain.demo import data_overrides as d; from pathlib import Path as P
+print(' '.join(d(P('launch/recipes/tiny-cpu.yaml'), P('$out/mm'), P('$out/text'))))") \
+      --set stages.0.micro_batch=16 $sets > "$run.log" 2>&1 || { tail -n 20 "$run.log"; continue; }
+  ckpt=$(ls -d "$run"/checkpoints/stage* | sort | tail -n 1)
+  $py -m mmtrain export --checkpoint "$ckpt" --out "$run/model" --merge-lora > "$run.export.log" 2>&1 || { tail -n 5 "$run.export.log"; continue; }
   $py - "$run" "$out/mm" "$name" "$(( $(date +%s) - start ))" <<'PY'
 import json, sys
 from pathlib import Path

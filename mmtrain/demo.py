@@ -34,6 +34,19 @@ def _stage_summary(run: Path) -> list[dict[str, Any]]:
     return out
 
 
+def data_overrides(recipe: Path, multimodal: Path, text_only: Path) -> list[str]:
+    """`--set` lines pointing the recipe's `…/sample-mm` and `…/sample-text` shard sets at the demo's own."""
+    import yaml
+
+    out = []
+    for i, stage in enumerate(yaml.safe_load(recipe.read_text(encoding="utf-8"))["stages"]):
+        for j, source in enumerate(stage.get("data", [])):
+            target = {"sample-mm": multimodal, "sample-text": text_only}.get(Path(source["shards"]).name)
+            if target is not None:
+                out += ["--set", f"stages.{i}.data.{j}.shards={target}"]
+    return out
+
+
 def run_demo(out: Path, ranks: int = 2, catalog: Path | None = None, steps_scale: float = 1.0,
              overrides: list[str] | None = None) -> dict[str, Any]:
     from mmtrain.data.build import build_from_catalog
@@ -63,11 +76,8 @@ def run_demo(out: Path, ranks: int = 2, catalog: Path | None = None, steps_scale
         train_tokenizer(texts, 1000, tokenizer)
         print(f"tokenizer: 1,000-piece sentencepiece → {tokenizer}")
     run = out / "run"
-    args = ["--recipe", str(RECIPE), "--out", str(run), "--resume",
-            "--set", f"tokenizer={tokenizer}",
-            "--set", f"stages.0.data.0.shards={shards['mm']}",
-            "--set", f"stages.1.data.0.shards={shards['mm']}",
-            "--set", f"stages.1.data.1.shards={shards['text']}"]
+    args = ["--recipe", str(RECIPE), "--out", str(run), "--resume", "--set", f"tokenizer={tokenizer}",
+            *data_overrides(RECIPE, shards["mm"], shards["text"])]
     if steps_scale != 1.0:
         from mmtrain.config import load_recipe
 
