@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from mmtrain.errors import UserError
+from mmtrain.yamlfile import read_yaml_mapping
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -252,13 +253,7 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     """A recipe YAML (+ `--set key.path=value` overrides applied before the stages are resolved)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read recipe {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"recipe {path} must be a YAML mapping")
+    raw = read_yaml_mapping(path, "recipe")
     for assignment in overrides:
         apply_override(raw, assignment)
     return recipe_from_dict(raw, str(path))

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 
 from mmtrain.errors import UserError
+from mmtrain.yamlfile import read_yaml_mapping
 
 from mmtrain.data.records import (DUPLICATE_ID, MALFORMED_ROW, MISSING_FIELD, MISSING_IMAGE, NOT_UTF8,
                                   Reject)
@@ -67,12 +67,7 @@ class CatalogSpec:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CatalogSpec":
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise UserError(f"cannot read catalog spec {path}: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise UserError(f"catalog spec {path} must be a YAML mapping")
+        raw = read_yaml_mapping(path, "catalog spec")
         known = set(cls.__dataclass_fields__)
         unknown = set(raw) - known
         if unknown:
