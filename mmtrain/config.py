@@ -135,6 +135,47 @@ class ModelSpec:
 
 
 @dataclass
+class FaultSpec:
+    """How a run meets bad data, hangs, dead ranks and non-finite numbers (see docs/faults.md)."""
+
+    on_bad_sample: str = "skip"
+    """skip: an unreadable sample is skipped with a warning naming shard, key and reason, and counted; raise: stop."""
+    max_skip_fraction: float = 0.01
+    """Stop the run (exit 2) once skipped samples exceed this fraction of the samples read."""
+    max_image_pixels: int = 64_000_000
+    """An image whose header declares more pixels is skipped before it is decoded (decompression bombs)."""
+    hang_timeout_s: float | None = None
+    """No step progress on a rank for this long: hang report + non-zero exit. Default 1800 on GPU, 300 on CPU."""
+    collective_timeout_s: float | None = None
+    """The process group's collective timeout; default: hang_timeout_s."""
+    on_nonfinite: str = "skip"
+    """A NaN/Inf loss or gradient norm: skip the optimizer step (skip) or stop the run (stop)."""
+    max_nonfinite_in_row: int = 3
+    """This many non-finite steps in a row stop the run with a report naming the steps and sample keys."""
+    keep_last: int = 0
+    """Keep the newest N complete checkpoints of the run (0: keep all); the newest complete one is never deleted."""
+
+    def __post_init__(self) -> None:
+        if self.on_bad_sample not in ("skip", "raise"):
+            raise UserError(f"faults.on_bad_sample must be skip or raise, not {self.on_bad_sample!r}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise UserError(f"faults.on_nonfinite must be skip or stop, not {self.on_nonfinite!r}")
+        self.max_skip_fraction = _number(self.max_skip_fraction)
+        if self.max_nonfinite_in_row < 1 or self.keep_last < 0:
+            raise UserError("faults.max_nonfinite_in_row must be >= 1 and faults.keep_last >= 0")
+
+    def hang_timeout(self, device_type: str) -> float:
+        if self.hang_timeout_s is not None:
+            return _number(self.hang_timeout_s)
+        return 1800.0 if device_type == "cuda" else 300.0
+
+    def collective_timeout(self, device_type: str) -> float:
+        if self.collective_timeout_s is not None:
+            return _number(self.collective_timeout_s)
+        return self.hang_timeout(device_type)
+
+
+@dataclass
 class Recipe:
     name: str
     stages: list[StageSpec]
@@ -147,6 +188,7 @@ class Recipe:
     """auto: bf16 on GPU, fp32 on CPU."""
     gradient_checkpointing: bool = False
     seed: int = 0
+    faults: FaultSpec = field(default_factory=FaultSpec)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -215,7 +257,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if unknown:
         raise UserError(f"{where}: unknown keys {unknown} (known: {sorted(fields)})")
     nested = {"train": TrainParts, "lora": LoraSpec, "optimizer": OptimizerSpec, "schedule": ScheduleSpec,
-              "model": ModelSpec}
+              "model": ModelSpec, "faults": FaultSpec}
     kwargs = {}
     for key, value in raw.items():
         if key in nested and fields[key].type in (nested[key].__name__, nested[key]):
