@@ -65,10 +65,19 @@ class ImageConfig:
         return cls(**kwargs)
 
 
-def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+class ImageTooLarge(ValueError):
+    """The image header declares more pixels than allowed (a decompression bomb, or a photo far too big)."""
+
+
+def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode JPEG/PNG bytes to RGB. With `draft_size`, JPEG decoding scales down in the DCT when the image is
-    at least twice that size (much faster, same result after the resize)."""
+    at least twice that size (much faster, same result after the resize). With `max_pixels`, the size the header
+    declares is checked before a pixel is decoded (ImageTooLarge). The decode is forced here (`load`), not left
+    lazy, so a broken file fails in this call."""
     img = Image.open(io.BytesIO(data))
+    if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+        raise ImageTooLarge(f"header declares {img.size[0]}x{img.size[1]} = {img.size[0] * img.size[1]} pixels "
+                            f"> max_image_pixels {max_pixels}")
     if draft_size is not None and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
     if img.mode == "RGB":  # convert() would copy the decoded pixels once more
@@ -154,10 +163,11 @@ def preprocess_uint8(data: bytes, cfg: ImageConfig, rng: random.Random | None = 
     return to_uint8(resize_image(decode_image(data, draft_size=cfg.size), cfg, rng))
 
 
-def preprocess_hwc(data: bytes, cfg: ImageConfig, rng: random.Random | None = None) -> np.ndarray:
+def preprocess_hwc(data: bytes, cfg: ImageConfig, rng: random.Random | None = None,
+                   max_pixels: int | None = None) -> np.ndarray:
     """JPEG bytes → resized uint8 [size, size, 3] as decoded (no transpose, no torch): the loader's per-sample path.
     Batches transpose and normalize once with `normalize_hwc_batch`."""
-    return np.asarray(resize_image(decode_image(data, draft_size=cfg.size), cfg, rng))
+    return np.asarray(resize_image(decode_image(data, draft_size=cfg.size, max_pixels=max_pixels), cfg, rng))
 
 
 def sample_rng(key: str, epoch: int, seed: int) -> random.Random:

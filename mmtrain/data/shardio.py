@@ -18,6 +18,8 @@ from typing import BinaryIO, Iterator
 
 from webdataset.tariterators import base_plus_ext
 
+from mmtrain.data.skips import BadSample
+
 BLOCK = 512
 
 
@@ -28,15 +30,21 @@ class Member:
     size: int
 
 
-def _ustar_members(f: BinaryIO) -> Iterator[Member] | None:
-    """Regular-file members of a plain ustar/GNU archive without extended headers, or None to fall back."""
+def _is_end(block: bytes) -> bool:
+    """A whole zero block: where a tar archive ends (a cut file ends anywhere else)."""
+    return len(block) == BLOCK and block.count(0) == BLOCK
+
+
+def _ustar_walk(f: BinaryIO) -> tuple[list[Member], bool] | None:
+    """Regular-file members of a plain ustar/GNU archive without extended headers and whether the archive ends with
+    its end-of-archive block (False: the file was cut), or None to fall back to `tarfile`."""
     members = []
     pos = 0
     while True:
         f.seek(pos)
         header = f.read(BLOCK)
         if len(header) < BLOCK or header.count(0) == BLOCK:
-            return iter(members)
+            return members, _is_end(header)
         kind = header[156:157]
         if kind not in (b"0", b"\0") or header[124] & 0x80:  # links, dirs, pax/GNU headers, base-256 sizes
             return None
@@ -48,22 +56,46 @@ def _ustar_members(f: BinaryIO) -> Iterator[Member] | None:
         pos += BLOCK + -(-size // BLOCK) * BLOCK
 
 
+def _ustar_members(f: BinaryIO) -> Iterator[Member] | None:
+    walk = _ustar_walk(f)
+    return None if walk is None else iter(walk[0])
+
+
+def _tarfile_walk(path: str) -> tuple[list[Member], bool]:
+    """The fallback walk (GNU long names, pax headers): members and whether the archive ends properly. `tarfile`
+    stops quietly at a cut header and raises ReadError past a cut member; both mean a cut file, not a crash."""
+    members = []
+    with open(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tf:
+                for info in tf:
+                    if info.isfile():
+                        members.append(Member(info.name, info.offset_data, info.size))
+                stop = tf.offset
+        except tarfile.ReadError:
+            return members, False
+        f.seek(stop)
+        return members, _is_end(f.read(BLOCK))
+
+
 def _tarfile_members(path: str) -> Iterator[Member]:
-    with tarfile.open(path, mode="r:") as tf:
-        for info in tf:
-            if info.isfile():
-                yield Member(info.name, info.offset_data, info.size)
+    return iter(_tarfile_walk(path)[0])
 
 
 class ShardIndex:
-    """The samples of one tar shard, in file order: key and its members as (extension, data offset, size)."""
+    """The samples of one tar shard, in file order: key and its members as (extension, data offset, size).
+
+    `cut` is True when the file ends before its end-of-archive block (a copy or download cut short): the samples
+    after the cut are lost, and so is the last one indexed, which may be missing members or bytes."""
 
     def __init__(self, path: str):
         self.path = path
         self.samples: list[tuple[str, list[tuple[str, int, int]]]] = []
         with open(path, "rb") as f:
-            members = _ustar_members(f)
-        for m in members if members is not None else _tarfile_members(path):
+            walk = _ustar_walk(f)
+        members, complete = walk if walk is not None else _tarfile_walk(path)
+        self.cut = not complete
+        for m in members:
             key, ext = base_plus_ext(m.name)
             if key is None:
                 continue
@@ -101,23 +133,35 @@ class ShardReader:
 
     def read(self, path: str, position: int) -> dict:
         """Sample `position` of shard `path` as a webdataset sample dict: `__key__`, `__url__`, `json` (decoded),
-        `0.jpg` … (bytes)."""
+        `0.jpg` … (bytes). Member names are data (keys), never paths: nothing here writes a file.
+
+        Raises BadSample (`truncated_shard`, `bad_json`) for a sample lost to a cut file or with a broken json; a
+        position past the end of a whole (not cut) archive is a shard set out of step with its manifest: ValueError.
+        """
         index, f = self._get(path)
-        if not 0 <= position < len(index):
-            raise ValueError(f"{path}: has {len(index)} samples, fewer than its manifest entry says (asked for "
-                             f"sample {position}); rebuild the shard set")
+        whole = len(index) - 1 if index.cut else len(index)  # samples that are certainly complete
+        if not 0 <= position < whole:
+            if position < 0 or not index.cut:
+                raise ValueError(f"{path}: has {len(index)} samples, fewer than its manifest entry says (asked for "
+                                 f"sample {position}); rebuild the shard set")
+            key = index.samples[position][0] if position < len(index) else f"#{position}"
+            raise BadSample(path, key, "truncated_shard", f"the file is cut short after {whole} whole samples; "
+                            f"sample {position} of the manifest is lost")
         key, members = index.samples[position]
         first = members[0][1]
         f.seek(first)
-        span = f.read(members[-1][1] + members[-1][2] - first)
+        want = members[-1][1] + members[-1][2] - first
+        span = f.read(want)
+        if len(span) < want:  # the file shrank after it was indexed: never hand on short bytes
+            raise BadSample(path, key, "truncated_shard", f"{want - len(span)} bytes missing at the end of the file")
         sample: dict = {"__key__": key, "__url__": path}
         for ext, offset, size in members:
             sample[ext] = span[offset - first:offset - first + size]
         if "json" in sample:
             try:
                 sample["json"] = json.loads(sample["json"])
-            except Exception as exc:
-                raise ValueError(f"{path}: sample {key}: cannot decode json: {exc}") from exc
+            except Exception as exc:  # JSONDecodeError, UnicodeDecodeError, RecursionError
+                raise BadSample(path, key, "bad_json", f"cannot decode json: {exc}") from exc
         return sample
 
     def close(self) -> None:

@@ -3,7 +3,9 @@
 The only data module that knows about ranks. Stages, in order (each a small function or class):
   plan (plan.py: shard order per epoch, split by rank × worker) → read (shardio.py: seek into tar shards, webdataset
   grouping/decoding) → cursor (cursor.py: block shuffle, exact position) → mix (seeded, counter-based draws by
-  weight) → decode images + render template (drop and count samples with nothing to learn) → batch → collate/pack.
+  weight) → check (skips.py: bad samples skipped with a warning, or raised) → render template (drop samples
+  with nothing to learn) → decode images → batch → collate/pack. Skips and drops are counted per reason in the
+  cursor.
 
 Every slot (rank × worker) yields exactly `samples_per_slot` samples per epoch in the same number of batches, so
 every rank takes the same number of steps whatever the shard sizes, drops or filters. See docs/loader.md.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,15 +27,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmtrain.data import collate as collate_mod
 from mmtrain.data.collate import Example
 from mmtrain.data.cursor import SourceCursor, fresh_position
-from mmtrain.data.images import ImageConfig, normalize_hwc_batch, preprocess_hwc, sample_rng
+from mmtrain.data.images import ImageConfig, normalize_hwc_batch, sample_rng
 from mmtrain.data.pixelring import PREFETCH, PixelRing
 from mmtrain.data.plan import Source, make_sources, samples_per_slot
 from mmtrain.data.shardio import ShardReader
+from mmtrain.data.skips import BadSample, check_sample, count, load_image, merge_counts, warn_skipped
 from mmtrain.data.template import Renderer, SampleDropped
 from mmtrain.errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-STATE_VERSION = 1
+STATE_VERSION = 1  # cursors without `read` (taken before it was counted) load with read = 0
 
 
 @dataclass
@@ -68,7 +70,10 @@ class LoaderConfig:
     num_workers: int = 2
     image: ImageConfig = field(default_factory=ImageConfig)
     on_error: str = "raise"
-    """`raise` on an unreadable sample (message names shard and key) or `warn`, skip and count it."""
+    """`raise` on an unreadable sample (BadSample: a ValueError naming shard, key and reason) or `warn`: skip it
+    with one warning naming shard, key and reason, count it, read the next (see docs/loader.md, Bad samples)."""
+    max_image_pixels: int = 64_000_000
+    """An image whose header declares more pixels is refused before it is decoded (`image_too_large`)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "resampled"):
@@ -77,6 +82,8 @@ class LoaderConfig:
             raise UserError(f"uneven must be 'pad' or 'trim', got {self.uneven!r}")
         if self.on_error not in ("raise", "warn"):
             raise UserError(f"on_error must be 'raise' or 'warn', got {self.on_error!r}")
+        if self.max_image_pixels < 1:
+            raise UserError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
         if self.batch_size < 1 or self.num_workers < 0:
             raise UserError("batch_size must be >= 1 and num_workers >= 0")
 
@@ -150,35 +157,38 @@ class SlotStream:
                                                                             self.weights)[0]
 
     def _example(self, raw: dict, filler: bool, epoch: int) -> Example:
-        key = raw["__key__"]
-        record = raw.get("json")
-        if not isinstance(record, dict) or not isinstance(record.get("conversation"), list):
-            raise ValueError(f"{raw['__url__']}: sample {key}: no json member with a conversation list")
-        rendered = self.renderer.render(record["conversation"], record.get("num_images"), key=key)
+        """Check, render, decode one raw sample; BadSample (unreadable) or SampleDropped (nothing to learn)."""
+        shard, key = raw["__url__"], raw["__key__"]
+        conversation, images = check_sample(raw)
+        try:
+            rendered = self.renderer.render(conversation, None, key=key)
+        except SampleDropped:
+            raise
+        except Exception as exc:  # a conversation the template refuses, e.g. <image> in an assistant turn
+            raise BadSample(shard, key, "bad_sample", f"{type(exc).__name__}: {exc}") from exc
         rng = sample_rng(key, epoch, self.cfg.seed) if self.cfg.image.augment else None
-        pixels = []
-        for i in range(len(rendered.image_starts)):  # images cut by truncation come last and are skipped
-            data = raw.get(f"{i}.jpg") or raw.get(f"{i}.png")
-            if data is None:
-                raise ValueError(f"{raw['__url__']}: sample {key}: no image member {i}.jpg")
-            pixels.append(preprocess_hwc(data, self.cfg.image, rng))
+        pixels = [load_image(images[i], self.cfg.image, rng, self.cfg.max_image_pixels, shard, key, i)
+                  for i in range(len(rendered.image_starts))]  # images cut by truncation come last: not decoded
         return Example(rendered.input_ids, rendered.labels, rendered.image_starts, pixels, key, filler)
 
     def _next_example(self) -> Example:
+        """The next sample this slot delivers. A skipped one is replaced by the one after it (the run's end moves
+        into fillers), so the slot still yields its fixed number of samples and every rank stays in step."""
         dropped: Counter = Counter()
         while True:
             cursor = self.cursors[self._draw()]
-            raw, filler = cursor.next()
+            self.state["read"] = self.state.get("read", 0) + 1
             try:
+                raw, filler = cursor.next()  # the position moves past the sample even when reading it fails
                 return self._example(raw, filler, self.state["epoch"])
             except SampleDropped as exc:
                 reason = exc.reason
-            except Exception as exc:
+            except BadSample as exc:
                 if self.cfg.on_error == "raise":
                     raise
-                warnings.warn(f"skipping bad sample: {exc}")
-                reason = "bad_sample"
-            self.state["dropped"][reason] = self.state["dropped"].get(reason, 0) + 1
+                warn_skipped(exc)
+                reason = exc.reason
+            count(self.state["dropped"], reason)
             dropped[reason] += 1
             if sum(dropped.values()) > 1000 + 2 * sum(c.source.samples for c in self.cursors):
                 raise UserError(f"slot {self.slot}: every sample is dropped ({dict(dropped)}); check max_length")
@@ -227,12 +237,14 @@ def _as_sent(batch: dict) -> dict:
 
 
 def _copy_state(state: dict) -> dict:
-    return {**state, "sources": [dict(p) for p in state["sources"]], "dropped": dict(state["dropped"])}
+    return {"read": 0, **state, "sources": [dict(p) for p in state["sources"]], "dropped": dict(state["dropped"])}
 
 
 def initial_state(num_sources: int) -> dict:
+    """A slot's cursor at the start: `read` counts samples pulled (delivered + skipped), `dropped` the skipped ones
+    by reason; both cover exactly the batches handed out."""
     return {"epoch": 0, "batches": 0, "draws": 0, "sources": [fresh_position() for _ in range(num_sources)],
-            "dropped": {}}
+            "dropped": {}, "read": 0}
 
 
 class StreamDataset(IterableDataset):
@@ -304,13 +316,16 @@ class StreamLoader:
         for state in self.slots.values():
             state.update(epoch=self.epoch, batches=0)
 
+    def sample_counts(self) -> dict:
+        """`{"read": n, "skipped": {reason: n}}` for this rank since the run began (restored on resume): samples
+        pulled from the shards for the batches consumed so far (delivered + skipped), and the skipped ones by reason
+        (`skips.DATA_REASONS`: unreadable, warned; `skips.TEMPLATE_REASONS`: nothing to learn). Samples read ahead
+        by workers for batches not yet consumed are not counted."""
+        return {"read": sum(s.get("read", 0) for s in self.slots.values()), "skipped": self.dropped()}
+
     def dropped(self) -> dict[str, int]:
-        """Samples this rank dropped so far, by reason (`no_label`, `no_label_after_truncation`, `too_long`, …).
-        Counted on the batches consumed; samples that were read but not yet delivered are not counted."""
-        total: Counter = Counter()
-        for state in self.slots.values():
-            total.update(state["dropped"])
-        return dict(total)
+        """Skipped samples of this rank by reason (`sample_counts()["skipped"]`)."""
+        return merge_counts(list(self.slots.values()))
 
     def state_dict(self) -> dict:
         """JSON-serializable cursor of this rank (save one per rank)."""
