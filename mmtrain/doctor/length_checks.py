@@ -1,0 +1,129 @@
+"""Sequence-length check: an image's slot run and the template's fixed tokens must fit each stage's max_length.
+
+What is checked, per stage (slots = num_image_slots(model config), k = most images in one sample of its sources):
+- FAIL when `need(k) > max_length`, where need(k) is the position of the first learned token + 1 of a sample with k
+  images, empty user text and an empty answer, rendered by the real template (BOS, system line, role markers,
+  k × slots, EOS). Such samples lose every label to truncation and are all dropped, whatever their text.
+- WARN when some probed real samples render longer than max_length (their answers are cut, or with
+  `loader.truncate: false` the samples are dropped), and when max_length exceeds the LLM's max_position_embeddings.
+k comes from a probe (the first PROBE_SAMPLES samples of each source's first shard, counting `<image>` marks) and
+the manifest's per-shard image counts (ceil(images / samples) is a lower bound on the most images in a sample).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmtrain.doctor.context import Context, Unavailable, stage_label
+from mmtrain.doctor.report import Check, row
+
+PROBE_SAMPLES = 256
+"""Samples read (JSON members only) from the first shard of each source."""
+RENDER_SAMPLES = 64
+"""Of those, how many are rendered to measure real lengths."""
+
+
+@dataclass
+class Probe:
+    max_images: int = 0
+    conversations: list[list[dict]] = field(default_factory=list)
+
+
+def _manifest_lower_bound(spec: str | list[str]) -> int:
+    """ceil(images / samples) over the train shards of the source's manifests (one DIR or a list of them)."""
+    bound = 0
+    for entry in [spec] if isinstance(spec, str) else spec:
+        path = Path(entry)
+        path = path / "manifest.json" if path.is_dir() else path
+        shards = json.loads(path.read_text(encoding="utf-8"))["splits"]["train"]["shards"]
+        bound = max([bound] + [math.ceil(s.get("images", 0) / s["samples"]) for s in shards if s.get("samples")])
+    return bound
+
+
+def probe_source(ctx: Context, spec: str | list[str]) -> Probe:
+    """Most images per sample and a few conversations of one source (tar headers + small JSON members only)."""
+    from mmtrain.data.tokenizer import IMAGE_TOKEN
+
+    shards = ctx.shards(spec)
+    probe = Probe(max_images=_manifest_lower_bound(spec))
+    with tarfile.open(shards[0].path) as tf:
+        for member in tf:
+            if len(probe.conversations) >= PROBE_SAMPLES:
+                break
+            if not (member.isfile() and member.name.endswith(".json")):
+                continue
+            record = json.loads(tf.extractfile(member).read())  # type: ignore[union-attr]
+            turns = record.get("conversation", [])
+            marks = sum(t.get("content", "").count(IMAGE_TOKEN) for t in turns if t.get("role") == "user")
+            probe.max_images = max(probe.max_images, marks)
+            probe.conversations.append(turns)
+    return probe
+
+
+def needed_length(renderer, images: int) -> int:
+    """Tokens up to and including the first learned one, for a sample with `images` images and no text."""
+    from mmtrain.data.template import IGNORE_INDEX
+    from mmtrain.data.tokenizer import IMAGE_TOKEN
+
+    conversation = [{"role": "user", "content": IMAGE_TOKEN * images}, {"role": "assistant", "content": ""}]
+    labels = renderer.render(conversation).labels
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+
+
+def check_sequence_length(ctx: Context) -> Check:
+    """See the module docstring: FAIL when no sample with the most images can keep a label, WARN on truncation."""
+    from mmtrain.data.template import Renderer, SampleDropped
+    from mmtrain.model import num_image_slots
+
+    try:
+        tok, config = ctx.tokenizer(), ctx.model_config()
+        slots = num_image_slots(config)
+        renderer = Renderer(tok, ctx.recipe.template, slots)
+    except (Unavailable, ValueError) as exc:
+        return Check("sequence length", "WARN", f"not checked: {exc}")
+    positions = config.text_config.get("max_position_embeddings")
+    problems: list[tuple[str, str]] = []
+    too_short: dict[tuple[int, int, int], list[str]] = {}
+    long: dict[str, list[str]] = {}
+    probes: dict[str, Probe] = {}
+    summary = []
+    for stage in ctx.recipe.stages:
+        where = f"{stage_label(stage)} max_length {stage.max_length}"
+        images, lengths = 0, []
+        for source in stage.data:
+            key = str(source.shards)
+            if key not in probes:
+                try:
+                    probes[key] = probe_source(ctx, source.shards)
+                except (Unavailable, OSError, ValueError, KeyError, tarfile.TarError):
+                    continue  # the shards row reports unreadable data
+            probe = probes[key]
+            images = max(images, probe.max_images)
+            for turns in probe.conversations[:RENDER_SAMPLES]:
+                try:
+                    lengths.append(len(renderer.render(turns)))
+                except (SampleDropped, ValueError, KeyError, TypeError):
+                    pass  # the loader drops and counts these; not a length question
+        need = needed_length(renderer, images)
+        if need > stage.max_length:
+            too_short.setdefault((need, images, stage.max_length), []).append(stage_label(stage))
+        over = [n for n in lengths if n > stage.max_length]
+        if over:
+            fate = "dropped" if stage.loader.get("truncate", True) is False else "truncated (answers cut)"
+            long.setdefault(fate, []).append(f"{stage.name} {len(over)}/{len(lengths)} (up to {max(over)})")
+        if positions is not None and stage.max_length > int(positions):
+            problems.append(("WARN", f"{where} > the LLM's max_position_embeddings {positions}"))
+        summary.append(f"{stage.name} {need}/{stage.max_length}")
+    for (need, images, max_length), stages in too_short.items():
+        problems.append(("FAIL", f"{', '.join(stages)}: max_length {max_length} < {need} tokens that a {images}-image "
+                                 f"sample needs before its first learned token ({images} × {slots} slots + "
+                                 f"{need - images * slots} template tokens): every such sample is dropped; raise "
+                                 f"max_length to ≥ {need} or use a connector with fewer slots"))
+    for fate, counts in long.items():
+        problems.append(("WARN", f"probed samples longer than max_length will be {fate}: {', '.join(counts)}"))
+    ok = f"{slots} slots per image; tokens needed before the first label / max_length: {', '.join(summary)}"
+    return row("sequence length", problems, ok)
