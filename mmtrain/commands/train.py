@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,14 +25,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from mmtrain.config import load_recipe
-    from mmtrain.train.engine import RunOptions, Trainer
+    from mmtrain.train.engine import RankFailure, RunOptions, Trainer
+    from mmtrain.train.heartbeat import HANG_EXIT_CODE, REPORT
 
     recipe = load_recipe(args.recipe, args.set)
     options = RunOptions(out=Path(args.out), resume=args.resume, start_stage=args.start_stage,
                          init_from=Path(args.init_from) if args.init_from else None,
                          stop_after_steps=args.stop_after_steps)
     trainer = Trainer(recipe, options)
-    results = trainer.run()
+    try:
+        results = trainer.run()
+    except RankFailure as exc:
+        # The hang report is written. Leave at once: tearing down a process group whose peer is dead can block.
+        print(f"mmtrain train: rank {trainer.rank} failed: {exc}; see {options.out / REPORT}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(HANG_EXIT_CODE)
     if trainer.rank == 0:
         for r in results:
             if r.losses:

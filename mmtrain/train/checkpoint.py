@@ -108,3 +108,26 @@ def list_complete(root: Path) -> list[CheckpointRef]:
 def latest_complete(root: Path) -> CheckpointRef | None:
     refs = list_complete(root)
     return refs[-1] if refs else None
+
+
+def clear_mark(folder: Path) -> None:
+    """Before writing into a folder that may already hold a checkpoint: it stops counting until marked again."""
+    (folder / COMPLETE).unlink(missing_ok=True)
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` complete checkpoints (0: keep all); remove older ones and, when pruning, the
+    leftovers of interrupted saves (folders without `complete.json`). The newest complete one is never removed.
+    Call only between saves (rank 0, after the mark)."""
+    if keep_last <= 0 or not root.is_dir():
+        return []
+    complete = list_complete(root)
+    if not complete:
+        return []
+    keep = {ref.path for ref in complete[-keep_last:]} | {complete[-1].path}
+    removed = []
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and folder not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

@@ -49,6 +49,8 @@ def deepspeed_config(stage: StageSpec, world_size: int, precision: str) -> dict[
     for kind in ("bf16", "fp16"):
         block = config.setdefault(kind, {})
         _fill(block, "enabled", precision == kind, f"{source} {kind}")
+    if precision == "bf16":  # a NaN/Inf gradient then skips the step, as it does in fp32 and fp16 (train/guards.py)
+        config["bf16"].setdefault("check_grad_overflow", True)
     config.setdefault("zero_optimization", {}).setdefault("stage", 0)
     return config
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,18 +19,23 @@ import torch.distributed as dist
 
 from mmtrain.config import Recipe, StageSpec
 from mmtrain.data.images import ImageConfig
+from mmtrain.data.skips import DATA_REASONS, TEMPLATE_REASONS
 from mmtrain.data.stream import LoaderConfig, build_loader
 from mmtrain.data.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, num_image_slots
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import preemption
+from mmtrain.train.guards import NonFiniteGuard, local_weights_finite
+from mmtrain.train.heartbeat import Heartbeat
+from mmtrain.train.safe_load import use_safe_loading
 from mmtrain.train.export import save_stage_weights
 from mmtrain.train.dsconfig import deepspeed_config, resolve_precision, zero_stage
 from mmtrain.train.logging import MetricsLogger
 from mmtrain.train.stage_model import (build_stage_model, initial_state, model_config, optimizer_and_schedule,
                                        stage_weights)
 
+SKIP_REASONS = DATA_REASONS + TEMPLATE_REASONS
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_slots", "position_ids")
 
 
@@ -52,6 +58,11 @@ class StageResult:
     trainable: dict[str, int]
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    samples_read: int = 0
+    """Raw samples read from the shards by all ranks (delivered + skipped), over the whole stage."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Samples skipped by all ranks, by reason, over the whole stage (a resume continues the counts)."""
+    nonfinite_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +75,7 @@ class StageEngine:
     trainable: dict[str, int]
     group_names: list[str]
     zero_stage: int
+    nonfinite_steps: list[int] = field(default_factory=list)
 
 
 class _Preemption:
@@ -87,8 +99,9 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group the launcher set up (deepspeed, torchrun or srun); a plain run is world size 1."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group the launcher set up (deepspeed, torchrun or srun); a plain run is world size 1.
+    `timeout_s` bounds every collective (a dead peer then raises instead of blocking forever)."""
     import deepspeed
 
     _quiet_libraries()
@@ -103,7 +116,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", **timeout)
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -131,13 +145,17 @@ class Trainer:
     def __init__(self, recipe: Recipe, options: RunOptions) -> None:
         self.recipe, self.options = recipe, options
         self.out = options.out
-        self.rank, self.world_size, self.device = init_distributed()
+        self.faults = recipe.faults
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.rank, self.world_size, self.device = init_distributed(self.faults.collective_timeout(device_type))
+        self.heartbeat = Heartbeat(self.out, self.rank, self.world_size, self.faults.hang_timeout(device_type))
         self.precision = resolve_precision(recipe.precision, self.device.type)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         if not recipe.tokenizer:
             raise UserError("the recipe names no tokenizer (tokenizer: DIR)")
         if not Path(recipe.tokenizer).is_dir():
             raise UserError(f"tokenizer directory {recipe.tokenizer} does not exist (mmtrain tokenizer train ...)")
+        self._preflight()
         self.tokenizer = load_tokenizer(recipe.tokenizer)
         self.config: VLMConfig = model_config(recipe, self.tokenizer)
         self.image_config = ImageConfig(**{"size": self.config.vision_config.get("image_size", 224), **recipe.image})
@@ -145,6 +163,21 @@ class Trainer:
         self.preemption = _Preemption()
         self.results: list[StageResult] = []
         self.steps_this_process = 0
+
+    def _preflight(self) -> None:
+        """`mmtrain doctor`'s checks, on the first rank of every node (free disk is per node); any FAIL stops all."""
+        from mmtrain.doctor import failures, format_table, run_checks
+
+        checks = []
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            checks = run_checks(self.recipe, self.world_size, self.out, self.device.type)
+        failed = torch.tensor([float(bool(failures(checks)))], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if self.rank == 0 and any(c.status != "PASS" for c in checks):
+            print(format_table(checks), flush=True)
+        if failed.item() > 0:
+            raise UserError("pre-flight checks failed (the FAIL rows above; `mmtrain doctor --recipe ...` runs them "
+                            "alone)")
 
     def image_config_json(self) -> dict[str, Any]:
         return {**self.image_config.__dict__, "mean": list(self.image_config.mean), "std": list(self.image_config.std)}
@@ -159,14 +192,41 @@ class Trainer:
 
     # ---- the schedule -------------------------------------------------------------------------------------------
     def run(self) -> list[StageResult]:
-        first, resume_ref = self._starting_point()
-        for index in range(first, len(self.recipe.stages)):
-            ref = resume_ref if resume_ref is not None and resume_ref.stage_index == index else None
-            if not self._run_stage(index, ref):
-                break  # preempted or stopped: the checkpoint is written, a later --resume continues
-        self.metrics.close()
-        dist.barrier()
+        """All stages from the starting point. A failure that is not the user's (a dead peer, a collective that
+        timed out) writes the hang report naming the silent ranks before it propagates (exit HANG_EXIT_CODE)."""
+        try:
+            first, resume_ref = self._starting_point()
+            for index in range(first, len(self.recipe.stages)):
+                ref = resume_ref if resume_ref is not None and resume_ref.stage_index == index else None
+                if not self._run_stage(index, ref):
+                    break  # preempted or stopped: the checkpoint is written, a later --resume continues
+            self.metrics.close()
+            self._write_report()
+            self.heartbeat.phase("barrier")
+            dist.barrier()
+        except UserError:
+            self.heartbeat.close("stopped")
+            raise
+        except Exception as exc:
+            if self.world_size > 1:
+                self.heartbeat.report(f"rank {self.rank} failed: {type(exc).__name__}: {exc}")
+            raise RankFailure(str(exc)) from exc
+        self.heartbeat.close()
         return self.results
+
+    def _write_report(self) -> None:
+        """`OUT/run-report.json` (rank 0): per stage this process ran, the samples read and skipped (by reason)
+        and the non-finite steps skipped."""
+        if self.rank != 0:
+            return
+        stages = [{"stage": r.name, "steps_this_run": len(r.losses), "samples_read": r.samples_read,
+                   "skipped": r.skipped, "skipped_total": sum(r.skipped.values()),
+                   "nonfinite_steps": r.nonfinite_steps} for r in self.results]
+        ckpt.write_json_atomic(self.out / "run-report.json", {"recipe": self.recipe.name, "stages": stages})
+        for r in stages:
+            if r["skipped_total"] or r["nonfinite_steps"]:
+                self.metrics.print(f"stage {r['stage']}: skipped {r['skipped_total']} of {r['samples_read']} samples "
+                                   f"{r['skipped']}; non-finite steps skipped: {r['nonfinite_steps']}")
 
     def _starting_point(self) -> tuple[int, ckpt.CheckpointRef | None]:
         if self.options.resume:
@@ -193,7 +253,9 @@ class Trainer:
     def _loader(self, stage: StageSpec, slots: int):
         fields = {"data": [{"shards": d.shards, "weight": d.weight} for d in stage.data], "num_image_slots": slots,
                   "template": self.recipe.template, "batch_size": stage.micro_batch, "max_length": stage.max_length,
-                  "pack": stage.pack, "seed": self.recipe.seed, "image": self.image_config, "num_workers": 1}
+                  "pack": stage.pack, "seed": self.recipe.seed, "image": self.image_config, "num_workers": 1,
+                  "on_error": "warn" if self.faults.on_bad_sample == "skip" else "raise",
+                  "max_image_pixels": self.faults.max_image_pixels}
         fields.update(stage.loader)
         return build_loader(LoaderConfig(**fields), self.tokenizer, self.rank, self.world_size)
 
@@ -202,6 +264,7 @@ class Trainer:
         import deepspeed
 
         stage = self.recipe.stages[index]
+        self.heartbeat.phase("build", stage=stage.name, stage_index=index, step=ref.step if ref else 0)
         ds_config = deepspeed_config(stage, self.world_size, self.precision)
         zero3 = zero_stage(ds_config) == 3
         # Frozen weights are the stage's starting weights; a resumed checkpoint then restores everything that trains.
@@ -212,19 +275,21 @@ class Trainer:
         optimizer, scheduler, group_names = optimizer_and_schedule(model, stage)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        use_safe_loading(engine)
         loader = self._loader(stage, num_image_slots(self.config))
-        step = 0
+        step, nonfinite = 0, []
         if ref is not None:
-            engine.load_checkpoint(str(self.checkpoints), tag=ref.tag, load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
+            _, client = engine.load_checkpoint(str(self.checkpoints), tag=ref.tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
             loader.load_state_dict(ckpt.read_rank_state(ref.path, self.rank))
-            step = ref.step
-        return StageEngine(engine, loader, stage, index, step, trainable, group_names, zero_stage(ds_config))
+            step, nonfinite = ref.step, list((client or {}).get("nonfinite_steps", []))
+        return StageEngine(engine, loader, stage, index, step, trainable, group_names, zero_stage(ds_config),
+                           nonfinite)
 
     def _run_stage(self, index: int, ref: ckpt.CheckpointRef | None) -> bool:
         run = self.build_engine(index, ref)
         stage = run.stage
-        result = StageResult(stage.name, run.trainable)
+        result = StageResult(stage.name, run.trainable, nonfinite_steps=run.nonfinite_steps)
         self.results.append(result)
         self.metrics.print(f"stage {stage.name}: trainable {run.trainable}, ZeRO-{run.zero_stage}, {self.precision}, "
                            f"{self.world_size} rank(s), global batch {stage.global_batch(self.world_size)}")
@@ -232,76 +297,147 @@ class Trainer:
                                   "trainable": run.trainable, "zero_stage": run.zero_stage,
                                   "precision": self.precision, "world_size": self.world_size})
         self.metrics.start_stage(stage.name, stage.steps, run.step)
-        finished = self._loop(run.engine, run.loader, stage, index, run.step, result, run.group_names)
+        finished = self._loop(run, result)
         if finished:
-            self._finish_stage(run.engine, stage, index, run.loader)
+            self._finish_stage(run, result)
         run.engine.destroy()
         del run
         gc.collect()
         return finished
 
-    def _loop(self, engine, loader, stage: StageSpec, index: int, step: int, result: StageResult,
-              group_names: list[str]) -> bool:
+    def _loop(self, run: StageEngine, result: StageResult) -> bool:
+        engine, loader, stage, index, step = run.engine, run.loader, run.stage, run.index, run.step
         batches = _forever(loader)
+        guard = NonFiniteGuard(self.faults.on_nonfinite, self.faults.max_nonfinite_in_row, steps=result.nonfinite_steps,
+                               total=len(result.nonfinite_steps))
         started = time.perf_counter()
+        beat = self.heartbeat.phase
         while step < stage.steps:
             tick = time.perf_counter()
-            losses, samples, tokens = [], 0, 0
+            losses, samples, tokens, keys = [], 0, 0, []
+            skipped_before = engine.skipped_steps
             for _ in range(stage.grad_accum):
+                beat("data", stage=stage.name, stage_index=index, step=step + 1)
                 batch = next(batches)
+                beat("forward", batch=batch_composition(batch, time.perf_counter() - tick))
                 out = engine(**_model_inputs(batch, self.device, self.dtype))
-                engine.backward(out.loss)
+                beat("backward")
+                engine.backward(out.loss)  # a non-finite loss too: ZeRO's overflow check then skips the step
+                beat("optimizer")
                 engine.step()
                 losses.append(out.loss.detach().float())
                 samples += int((~batch["filler"]).sum()) if "filler" in batch else batch["input_ids"].shape[0]
                 tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else 0
+                keys += list(batch.get("keys", []))
             step += 1
+            counts = loader.sample_counts()
+            skipped = [counts["skipped"].get(reason, 0) for reason in SKIP_REASONS]
             # On the device: NCCL reduces only device tensors (gloo takes either).
-            stats = torch.tensor([torch.stack(losses).mean().item(), samples, tokens, float(self.preemption.requested)],
-                                 dtype=torch.float64, device=self.device)
-            flags = stats[3:].clone()
-            dist.all_reduce(stats[:3])
+            stats = torch.tensor([torch.stack(losses).mean().item(), samples, tokens, counts["read"], *skipped,
+                                  float(self.preemption.requested)], dtype=torch.float64, device=self.device)
+            flags = stats[-1:].clone()
+            dist.all_reduce(stats[:-1])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             loss = stats[0].item() / self.world_size
             result.losses.append(loss)
+            result.samples_read = int(stats[3].item())
+            result.skipped = {r: int(n) for r, n in zip(SKIP_REASONS, stats[4:-1].tolist()) if n}
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            guard.check(stage.name, step, loss, grad_norm, engine.skipped_steps > skipped_before, keys, self.rank,
+                        loss_scaling=self.precision == "fp16")
             elapsed = time.perf_counter() - tick
             lrs = engine.get_lr()
             record = {"stage": stage.name, "stage_index": index, "step": step, "loss": loss, "lr": lrs[0],
-                      "samples_per_s": stats[1].item() / elapsed, "tokens_per_s": stats[2].item() / elapsed,
-                      **{f"lr/{name}": lr for name, lr in zip(group_names, lrs)}}
+                      "grad_norm": grad_norm, "samples_per_s": stats[1].item() / elapsed,
+                      "tokens_per_s": stats[2].item() / elapsed, "samples_read": result.samples_read,
+                      "skipped": result.skipped, "nonfinite_steps": guard.total,
+                      **{f"lr/{name}": lr for name, lr in zip(run.group_names, lrs)}}
             self.metrics.log(record, step)
+            self._check_skip_fraction(stage, step, result)
             self.steps_this_process += 1
             if flags[0].item() > 0:
-                self.save(engine, loader, stage, index, step)
+                self.save(run, step)
                 self.metrics.print(f"preempted: checkpoint at stage {stage.name} step {step} saved; exiting")
                 return False
             if stage.save_every and step % stage.save_every == 0 and step < stage.steps:
-                self.save(engine, loader, stage, index, step)
+                self.save(run, step)
             if self.options.stop_after_steps is not None and self.steps_this_process >= self.options.stop_after_steps:
                 return False
         result.seconds = time.perf_counter() - started
         return True
 
-    def save(self, engine, loader, stage: StageSpec, index: int, step: int) -> Path:
-        """A complete checkpoint: every rank writes its part, then rank 0 marks it complete."""
-        tag = ckpt.checkpoint_tag(index, stage.name, step)
+    def _check_skip_fraction(self, stage: StageSpec, step: int, result: StageResult) -> None:
+        """Too many unreadable samples means bad shards, not bad luck: stop (the same decision on every rank: the
+        counts are all-reduced). Template drops (too long, no label) are a max_length matter: counted, not judged.
+        Measured over at least 1,000 samples so a few early skips do not stop a run."""
+        bad = {r: n for r, n in result.skipped.items() if r in DATA_REASONS}
+        if sum(bad.values()) > self.faults.max_skip_fraction * max(result.samples_read, 1000):
+            raise UserError(f"stage {stage.name} step {step}: {sum(bad.values())} of {result.samples_read} samples "
+                            f"unreadable {bad}, over faults.max_skip_fraction {self.faults.max_skip_fraction}; the "
+                            "warnings above name each shard and key (rebuild or remove those shards)")
+
+    def save(self, run: StageEngine, step: int) -> Path:
+        """A complete checkpoint: every rank writes its part; only when all succeeded, and the weights are finite,
+        does rank 0 mark it complete. A failed save is never marked: the run stops, the previous one stays."""
+        tag = ckpt.checkpoint_tag(run.index, run.stage.name, step)
         folder = self.checkpoints / tag
-        engine.save_checkpoint(str(self.checkpoints), tag=tag, client_state={"stage_index": index, "step": step},
-                               save_latest=False)
-        ckpt.write_rank_state(folder, self.rank, loader.state_dict())
-        dist.barrier()
+        self.heartbeat.phase("save", step=step)
         if self.rank == 0:
-            trainer_state = {"stage_index": index, "stage": stage.name, "step": step, "world_size": self.world_size,
-                             "precision": self.precision, "model_config": self.config.to_dict(),
-                             "lora": stage.lora.__dict__ if stage.train.llm == "lora" or stage.lora.roles else None}
+            ckpt.clear_mark(folder)
+        dist.barrier()
+        error = ""
+        try:
+            run.engine.save_checkpoint(str(self.checkpoints), tag=tag, save_latest=False,
+                                       client_state={"stage_index": run.index, "step": step,
+                                                     "nonfinite_steps": list(self.results[-1].nonfinite_steps)})
+            ckpt.write_rank_state(folder, self.rank, run.loader.state_dict())
+        except Exception as exc:  # a full disk, a lost mount: every rank must hear of it, not wait at a barrier
+            error = f"{type(exc).__name__}: {exc}"
+        status = torch.zeros(2, self.world_size, dtype=torch.float64, device=self.device)
+        status[0, self.rank] = float(bool(error))
+        status[1, self.rank] = float(not local_weights_finite(run.engine.module))
+        dist.all_reduce(status)
+        failed = [r for r in range(self.world_size) if status[0, r] > 0]
+        nonfinite = [r for r in range(self.world_size) if status[1, r] > 0]
+        if failed or nonfinite:
+            previous = ckpt.latest_complete(self.checkpoints)
+            kept = f"the last complete checkpoint is {previous.path}" if previous else "no complete checkpoint exists"
+            why = (f"rank(s) {failed} could not write it ({'this rank: ' + error if error else 'see their logs'})"
+                   if failed else f"rank(s) {nonfinite} hold non-finite weights")
+            raise UserError(f"checkpoint {folder} was not saved: {why}; {kept} (--resume starts there)")
+        if self.rank == 0:
+            trainer_state = {"stage_index": run.index, "stage": run.stage.name, "step": step,
+                             "world_size": self.world_size, "precision": self.precision,
+                             "model_config": self.config.to_dict(),
+                             "lora": run.stage.lora.__dict__ if run.stage.train.llm == "lora" or run.stage.lora.roles
+                             else None}
             ckpt.mark_complete(folder, trainer_state, self.recipe.to_dict(), self.recipe.tokenizer,
                                self.image_config_json())
+            for removed in ckpt.prune(self.checkpoints, self.faults.keep_last):
+                self.metrics.print(f"removed old checkpoint {removed} (faults.keep_last {self.faults.keep_last})")
         dist.barrier()
         return folder
 
-    def _finish_stage(self, engine, stage: StageSpec, index: int, loader) -> None:
-        self.save(engine, loader, stage, index, stage.steps)
-        save_stage_weights(engine.module, self.stage_dir(stage), self.rank, self.recipe.tokenizer,
+    def _finish_stage(self, run: StageEngine, result: StageResult) -> None:
+        self.save(run, run.stage.steps)
+        save_stage_weights(run.engine.module, self.stage_dir(run.stage), self.rank, self.recipe.tokenizer,
                            self.recipe.template, self.image_config_json())
         dist.barrier()
         self.metrics.close_bar()
+
+
+class RankFailure(RuntimeError):
+    """This rank failed for a reason that is not the user's (a dead peer, a timed-out collective)."""
+
+
+def batch_composition(batch: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """What the heartbeat records of the batch a rank is working on: the first thing to look at in a hang."""
+    filler = batch.get("filler")
+    rows = int(batch["input_ids"].shape[0]) if filler is None else int((~filler).sum())
+    slots = batch.get("image_slots")
+    with_images = len(set(slots[:, 0].tolist())) if slots is not None and len(slots) else 0
+    mask = batch["attention_mask"]
+    return {"image_samples": with_images, "text_samples": rows - with_images,
+            "tokens": int(mask.sum()) if mask.dim() == 2 else int(batch["input_ids"].numel()),
+            "wall_s": round(wall_s, 3)}
