@@ -31,7 +31,7 @@ def check_shards(ctx: Context) -> Check:
         if str(spec) in seen:
             continue
         seen.add(str(spec))
-        bad = []
+        bad, cut = [], []
         for shard in shards:
             try:
                 size = os.stat(shard.path).st_size
@@ -41,10 +41,15 @@ def check_shards(ctx: Context) -> Check:
             if size == 0:
                 bad.append(f"{shard.path} is empty")
             elif size % 512:
-                bad.append(f"{shard.path} is truncated ({size} bytes, not whole tar blocks)")
+                cut.append(f"{shard.path} is truncated ({size} bytes, not whole tar blocks)")
         if bad:
             more = f" (+{len(bad) - 2} more)" if len(bad) > 2 else ""
             problems.append(("FAIL", f"{where}: {spec}: {'; '.join(bad[:2])}{more}; rebuild or re-copy the shard set"))
+        if cut:  # the loader skips (and counts) the samples a cut shard lost, unless told to raise on bad samples
+            status = "FAIL" if ctx.recipe.faults.on_bad_sample == "raise" else "WARN"
+            more = f" (+{len(cut) - 2} more)" if len(cut) > 2 else ""
+            problems.append((status, f"{where}: {spec}: {'; '.join(cut[:2])}{more}; its lost samples will be skipped "
+                                     "and counted (rebuild or re-copy the shard set)"))
         files += len(shards)
         samples += sum(s.samples for s in shards)
     return row("shards", problems, f"{len(seen)} shard set(s), {files} train shard(s), {samples} samples, all readable")
