@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from mmtrain.launching import free_port, run_ranks
 from mmtrain.train.checkpoint import COMPLETE, latest_complete
 from mmtrain.train.heartbeat import HANG_EXIT_CODE
+from mmtrain.train.safe_load import safe_torch_load
 
 from train_helpers import metrics, stage, write_recipe
 
@@ -57,7 +58,24 @@ def reference(tiny_data, tmp_path_factory) -> dict:
     out = tmp / "whole"
     result = run_ranks(2, ["--recipe", str(recipe), "--out", str(out)], log=tmp / "whole.log", timeout=600)
     assert result.returncode == 0, (tmp / "whole.log").read_text()[-3000:]
-    return {"recipe": recipe, "weights": _weights(out), "losses": {m["step"]: m["loss"] for m in metrics(out)}}
+    return {"recipe": recipe, "weights": _weights(out), "losses": {m["step"]: m["loss"] for m in metrics(out)},
+            "out": out}
+
+
+def test_checkpoint_files_load_without_pickle_and_a_pickle_is_refused(reference, tmp_path: Path) -> None:
+    files = sorted((reference["out"] / "checkpoints").glob("*/*.pt"))
+    assert len(files) >= 4
+    for path in files:
+        assert isinstance(safe_torch_load(str(path)), dict)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"module": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(RuntimeError, match="evil.pt: refused"):
+        safe_torch_load(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_sigkill_of_rank_1_is_reported_by_rank_0_and_resume_matches(reference, tmp_path: Path) -> None:
