@@ -1,0 +1,74 @@
+"""The per-rank runtime around the engine: joining the process group, moving a batch to the device, and what
+the heartbeat records of a batch. Plain functions, so probes and tests can call them without a Trainer."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_slots", "position_ids")
+
+
+def quiet_libraries() -> None:
+    """DeepSpeed's INFO lines and torch's deprecation notices from inside DeepSpeed drown the progress bar."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group the launcher set up (deepspeed, torchrun or srun); a plain run is world size 1.
+    `timeout_s` bounds every collective (a dead peer then raises instead of blocking forever)."""
+    import deepspeed
+
+    quiet_libraries()
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun without a launcher
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", **timeout)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def forever(loader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+    if "segment_ids" in batch and "position_ids" in inputs:  # packed rows: attention stays within each sample
+        from mmtrain.data.collate import block_causal_mask
+
+        inputs["attention_mask"] = block_causal_mask(batch["segment_ids"], dtype)
+    out = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+def batch_composition(batch: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """What the heartbeat records of the batch a rank is working on: the first thing to look at in a hang."""
+    filler = batch.get("filler")
+    rows = int(batch["input_ids"].shape[0]) if filler is None else int((~filler).sum())
+    slots = batch.get("image_slots")
+    with_images = len(set(slots[:, 0].tolist())) if slots is not None and len(slots) else 0
+    mask = batch["attention_mask"]
+    return {"image_samples": with_images, "text_samples": rows - with_images,
+            "tokens": int(mask.sum()) if mask.dim() == 2 else int(batch["input_ids"].numel()),
+            "wall_s": round(wall_s, 3)}
