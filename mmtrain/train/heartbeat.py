@@ -53,13 +53,17 @@ def read_heartbeats(out: Path) -> dict[int, dict[str, Any]]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs (a zombie, killed but not yet reaped by its launcher, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def silent_ranks(beats: dict[int, dict[str, Any]], world_size: int, stale_after: float,

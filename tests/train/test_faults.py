@@ -106,6 +106,7 @@ def test_sigkill_of_rank_1_is_reported_by_rank_0_and_resume_matches(reference, t
     log = (tmp_path / "rank0.log").read_text()
     assert code == HANG_EXIT_CODE, log[-3000:]
     assert waited <= HANG_TIMEOUT + 60, waited
+    print(f"rank 0 exited {waited:.1f} s after rank 1 was killed")
     report = (out / "hang-report.txt").read_text()
     assert "silent ranks: rank 1\n" in report, report
     assert "written by rank 0" in report and "Python stacks of rank 0" in report
