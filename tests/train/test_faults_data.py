@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from shard_surgery import png_header, read_samples, white_jpeg, write_samples
+from shard_surgery import png_header, read_samples, white_jpeg, with_conv, write_samples
 
 from mmtrain.data.build import build_from_catalog
 from mmtrain.data.images import ImageConfig
@@ -31,6 +31,9 @@ PLANTS = {
     (1, 4): ("image_too_large", lambda m: {"0.png": png_header(20000, 20000), "json": m["json"]}),
     (1, 7): ("image_too_large", lambda m: {"0.jpg": white_jpeg(300), "json": m["json"]}),  # > max_image_pixels
     (2, 3): ("image_count_mismatch", lambda m: {"0.jpg": m["0.jpg"], "1.jpg": m["0.jpg"], "json": m["json"]}),
+    (2, 6): ("no_label_after_truncation", lambda m: {**m, "json": with_conv(m, [
+        {"role": "user", "content": "<image>\n" + "What is this shirt made of? " * 150},
+        {"role": "assistant", "content": "Cotton."}])}),
 }
 CUT_SHARD, CUT_AT = 3, 20  # shard 3 ends inside sample 20's json: samples 20.. are lost
 
