@@ -189,6 +189,8 @@ class Recipe:
     gradient_checkpointing: bool = False
     seed: int = 0
     faults: FaultSpec = field(default_factory=FaultSpec)
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for the MFU figure; default: by GPU name (train/flops.py), none on CPU."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

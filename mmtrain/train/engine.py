@@ -25,6 +25,7 @@ from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, num_image_slots
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import preemption
+from mmtrain.train.flops import FlopModel, batch_lengths, peak_flops, stage_flop_model
 from mmtrain.train.guards import NonFiniteGuard, local_weights_finite
 from mmtrain.train.heartbeat import Heartbeat
 from mmtrain.train.runtime import batch_composition, init_distributed
@@ -77,6 +78,7 @@ class StageEngine:
     group_names: list[str]
     zero_stage: int
     nonfinite_steps: list[int] = field(default_factory=list)
+    flops: FlopModel | None = None
 
 
 class _Preemption:
@@ -103,6 +105,7 @@ class Trainer:
         self.heartbeat = Heartbeat(self.out, self.rank, self.world_size, self.faults.hang_timeout(device_type))
         self.precision = resolve_precision(recipe.precision, self.device.type)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.peak = peak_flops(self.device, self.precision, recipe.peak_tflops)
         if not recipe.tokenizer:
             raise UserError("the recipe names no tokenizer (tokenizer: DIR)")
         if not Path(recipe.tokenizer).is_dir():
@@ -228,6 +231,7 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
         use_safe_loading(engine)
+        flop_model = stage_flop_model(model, self.config, stage.train.vision, stage.train.connector, stage.train.llm)
         loader = self._loader(stage, num_image_slots(self.config))
         step, nonfinite = 0, []
         if ref is not None:
@@ -236,7 +240,7 @@ class Trainer:
             loader.load_state_dict(ckpt.read_rank_state(ref.path, self.rank))
             step, nonfinite = ref.step, list((client or {}).get("nonfinite_steps", []))
         return StageEngine(engine, loader, stage, index, step, trainable, group_names, zero_stage(ds_config),
-                           nonfinite)
+                           nonfinite, flop_model)
 
     def _run_stage(self, index: int, ref: ckpt.CheckpointRef | None) -> bool:
         run = self.build_engine(index, ref)
@@ -266,7 +270,7 @@ class Trainer:
         beat = self.heartbeat.phase
         while step < stage.steps:
             tick = time.perf_counter()
-            losses, samples, tokens, keys = [], 0, 0, []
+            losses, samples, tokens, keys, flops = [], 0, 0, [], 0.0
             skipped_before = engine.skipped_steps
             for _ in range(stage.grad_accum):
                 beat("data", stage=stage.name, stage_index=index, step=step + 1)
@@ -281,19 +285,21 @@ class Trainer:
                 samples += int((~batch["filler"]).sum()) if "filler" in batch else batch["input_ids"].shape[0]
                 tokens += int(batch["attention_mask"].sum()) if batch["attention_mask"].dim() == 2 else 0
                 keys += list(batch.get("keys", []))
+                images = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
+                flops += run.flops.step_flops(*batch_lengths(batch), images)
             step += 1
             counts = loader.sample_counts()
             skipped = [counts["skipped"].get(reason, 0) for reason in SKIP_REASONS]
             # On the device: NCCL reduces only device tensors (gloo takes either).
-            stats = torch.tensor([torch.stack(losses).mean().item(), samples, tokens, counts["read"], *skipped,
+            stats = torch.tensor([torch.stack(losses).mean().item(), samples, tokens, flops, counts["read"], *skipped,
                                   float(self.preemption.requested)], dtype=torch.float64, device=self.device)
             flags = stats[-1:].clone()
             dist.all_reduce(stats[:-1])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             loss = stats[0].item() / self.world_size
             result.losses.append(loss)
-            result.samples_read = int(stats[3].item())
-            result.skipped = {r: int(n) for r, n in zip(SKIP_REASONS, stats[4:-1].tolist()) if n}
+            result.samples_read = int(stats[4].item())
+            result.skipped = {r: int(n) for r, n in zip(SKIP_REASONS, stats[5:-1].tolist()) if n}
             grad_norm = engine.get_global_grad_norm()
             grad_norm = None if grad_norm is None else float(grad_norm)
             guard.check(stage.name, step, loss, grad_norm, engine.skipped_steps > skipped_before, keys, self.rank,
@@ -302,7 +308,8 @@ class Trainer:
             lrs = engine.get_lr()
             record = {"stage": stage.name, "stage_index": index, "step": step, "loss": loss, "lr": lrs[0],
                       "grad_norm": grad_norm, "samples_per_s": stats[1].item() / elapsed,
-                      "tokens_per_s": stats[2].item() / elapsed, "samples_read": result.samples_read,
+                      "tokens_per_s": stats[2].item() / elapsed, **self._throughput(stats[3].item(), elapsed),
+                      "samples_read": result.samples_read,
                       "skipped": result.skipped, "nonfinite_steps": guard.total,
                       **{f"lr/{name}": lr for name, lr in zip(run.group_names, lrs)}}
             self.metrics.log(record, step)
@@ -318,6 +325,11 @@ class Trainer:
                 return False
         result.seconds = time.perf_counter() - started
         return True
+
+    def _throughput(self, flops: float, elapsed: float) -> dict[str, float | None]:
+        """Model TFLOP/s per device and MFU (None where the device's peak is unknown, e.g. a CPU)."""
+        per_device = flops / elapsed / self.world_size
+        return {"tflops": per_device / 1e12, "mfu": per_device / self.peak if self.peak else None}
 
     def _check_skip_fraction(self, stage: StageSpec, step: int, result: StageResult) -> None:
         """Too many unreadable samples means bad shards, not bad luck: stop (the same decision on every rank: the

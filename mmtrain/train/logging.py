@@ -48,8 +48,10 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{record['stage']}/{key}", value, global_step)
         if self._bar is not None:
             self._bar.update(1)
+            extra = {"mfu": f"{record['mfu']:.1%}"} if record.get("mfu") is not None else {}
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                  samples_s=f"{record['samples_per_s']:.1f}", tokens_s=f"{record['tokens_per_s']:.0f}")
+                                  samples_s=f"{record['samples_per_s']:.1f}", tokens_s=f"{record['tokens_per_s']:.0f}",
+                                  **extra)
 
     def print(self, text: str) -> None:
         if self.active:

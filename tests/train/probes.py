@@ -19,6 +19,7 @@ from mmtrain.train.engine import RunOptions, Trainer, _model_inputs
 def engine_logits(args: argparse.Namespace) -> None:
     """Restore the latest checkpoint into a ZeRO-3 engine and save rank 0's first batch and its logits."""
     trainer = Trainer(load_recipe(args.recipe), RunOptions(out=Path(args.out), tensorboard=False))
+    trainer.heartbeat.close()  # this probe runs its own loop: no phases, so no watchdog
     ref = latest_complete(trainer.checkpoints)
     run = trainer.build_engine(ref.stage_index, ref)
     run.engine.eval()
@@ -34,6 +35,7 @@ def unlike_batches(args: argparse.Namespace) -> None:
     """Rank 0 trains on text-only batches, rank 1 on image batches, under ZeRO-3: must not hang."""
     recipe = load_recipe(args.recipe)
     trainer = Trainer(recipe, RunOptions(out=Path(args.out), tensorboard=False))
+    trainer.heartbeat.close()  # this probe runs its own loop: no phases, so no watchdog
     run = trainer.build_engine(0)
     stage = recipe.stages[0]
     data = stage.data[1].shards if trainer.rank == 0 else stage.data[0].shards
