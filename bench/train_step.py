@@ -118,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
             holder = (model, optimizer)
         else:
             ds_config = deepspeed_config(stage, world, "fp32")
-            model, _ = build_stage_model(config, stage, ds_config, mode == "zero3", state, rank, 0, False)
+            model, _ = build_stage_model(config, stage, ds_config, mode == "zero3", state, rank, 0, {})
             optimizer, scheduler, _ = optimizer_and_schedule(model, stage)
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)

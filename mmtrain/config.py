@@ -186,7 +186,11 @@ class Recipe:
     """ImageConfig fields (size defaults to the vision tower's image size)."""
     precision: str = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | dict[str, bool] = False
+    """Recompute activations in backward: true (every part), or per part: {llm: true, vision: false}."""
+    kernels: str = "plain"
+    """plain | liger: liger-kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy on the LLM (`pip install
+    mmtrain[gpu]`; GPU only — elsewhere, or when absent, a warning and the plain modules)."""
     seed: int = 0
     faults: FaultSpec = field(default_factory=FaultSpec)
     peak_tflops: float | None = None
@@ -195,9 +199,22 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.kernels not in ("plain", "liger"):
+            raise UserError(f"kernels must be plain or liger, not {self.kernels!r}")
+        self.checkpointing()
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
             raise UserError(f"recipe {self.name!r}: stages need distinct names, got {names}")
+
+    def checkpointing(self) -> dict[str, bool]:
+        """Gradient checkpointing per part (vision, llm)."""
+        value = self.gradient_checkpointing
+        if isinstance(value, dict):
+            unknown = set(value) - {"vision", "llm"}
+            if unknown:
+                raise UserError(f"gradient_checkpointing: unknown parts {sorted(unknown)} (vision, llm)")
+            return {"vision": bool(value.get("vision", False)), "llm": bool(value.get("llm", False))}
+        return {"vision": bool(value), "llm": bool(value)}
 
     def stage_index(self, name: str) -> int:
         for i, stage in enumerate(self.stages):

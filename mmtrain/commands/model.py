@@ -56,13 +56,13 @@ def _stage_memory(args: argparse.Namespace, config) -> None:
     zero = json.loads(ds_path.read_text()).get("zero_optimization", {})
     shape = StageShape(gpus=args.gpus, zero_stage=int(zero.get("stage", 0)),
                        micro_batch=args.micro_batch or stage.micro_batch, seq_len=args.seq_len or stage.max_length,
-                       checkpointing={"llm": recipe.gradient_checkpointing, "vision": recipe.gradient_checkpointing},
+                       checkpointing=recipe.checkpointing(),
                        fused_cross_entropy=args.fused_cross_entropy,
                        reduce_bucket_size=int(zero.get("reduce_bucket_size", 50_000_000)))
     estimate = stage_estimate(config, stage.train.vision, stage.train.connector, stage.train.llm, stage.lora.roles,
                               stage.lora.r, shape)
     print(f"stage {stage.name} of {recipe_path.name} on {args.gpus} GPU(s), ZeRO-{shape.zero_stage}, micro-batch "
-          f"{shape.micro_batch} x {shape.seq_len} tokens, checkpointing {'on' if recipe.gradient_checkpointing else 'off'}"
+          f"{shape.micro_batch} x {shape.seq_len} tokens, checkpointing {recipe.checkpointing()}"
           " (estimate per GPU; see mmtrain/model/memory.py):")
     print(estimate.table())
 

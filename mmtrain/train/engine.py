@@ -225,7 +225,8 @@ class Trainer:
         # Frozen weights are the stage's starting weights; a resumed checkpoint then restores everything that trains.
         state = self._starting_weights(index) if self.rank == 0 or not zero3 else None
         model, trainable = build_stage_model(self.config, stage, ds_config, zero3, state, self.rank,
-                                             self.recipe.seed + index, self.recipe.gradient_checkpointing)
+                                             self.recipe.seed + index, self.recipe.checkpointing(),
+                                             self.recipe.kernels)
         del state
         optimizer, scheduler, group_names = optimizer_and_schedule(model, stage)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

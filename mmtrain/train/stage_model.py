@@ -82,7 +82,8 @@ def _no_init_weights():
 
 def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, Any] | None, zero3: bool,
                       state: dict[str, torch.Tensor] | None, rank: int, seed: int,
-                      gradient_checkpointing: bool) -> tuple[VisionLanguageModel, dict[str, int]]:
+                      checkpointing: dict[str, bool], kernels: str = "plain"
+                      ) -> tuple[VisionLanguageModel, dict[str, int]]:
     """Build (partitioned under ZeRO-3), load `state` (needed on rank 0 only under ZeRO-3), apply the freeze policy.
 
     LoRA layers are injected after the partitioned build and before `deepspeed.initialize`, from the same seed on
@@ -95,8 +96,9 @@ def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, 
     missing = load_into(model, state or {}, rank, zero3)
     if (rank == 0 or not zero3) and missing:
         raise UserError(f"starting weights lack {len(missing)} parameters, e.g. {missing[:3]}")
-    if gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, checkpointing)
+    if kernels == "liger":
+        apply_liger(model)
     torch.manual_seed(seed)
     counts = apply_stage_policy(model, vision=stage.train.vision, connector=stage.train.connector,
                                 llm=stage.train.llm, lora_roles=stage.lora.roles, r=stage.lora.r,
@@ -104,6 +106,31 @@ def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, 
     if not any(counts.values()):
         raise UserError(f"stage {stage.name!r} trains nothing (vision, connector and llm all frozen)")
     return model, counts
+
+
+def enable_checkpointing(model: VisionLanguageModel, parts: dict[str, bool]) -> None:
+    """Gradient checkpointing per part, through HF's own switch (non-reentrant: works with frozen inputs and ZeRO-3)."""
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if parts.get("llm"):
+        model.llm.gradient_checkpointing_enable(**kwargs)
+    if parts.get("vision"):
+        model.vision.model.gradient_checkpointing_enable(**kwargs)
+
+
+def apply_liger(model: VisionLanguageModel) -> bool:
+    """liger-kernel's fused kernels on the LLM, in place; False (with a warning) when they cannot run here."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        warnings.warn("kernels: liger needs a CUDA GPU; training with the plain modules")
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        warnings.warn("kernels: liger, but liger-kernel is not installed (pip install mmtrain[gpu]); plain modules")
+        return False
+    _apply_liger_kernel_to_instance(model=model.llm)
+    return True
 
 
 def optimizer_and_schedule(model: VisionLanguageModel, stage: StageSpec
