@@ -86,11 +86,17 @@ def silent_ranks(beats: dict[int, dict[str, Any]], world_size: int, stale_after:
     return found
 
 
+PHASES = ("startup", "build", "data", "forward", "backward", "optimizer", "save", "barrier", "done", "stopped")
+"""In the order a step goes through them: a rank still loading data while the others wait in forward is behind."""
+
+
 def behind_ranks(beats: dict[int, dict[str, Any]]) -> list[int]:
-    """Live ranks at an earlier (stage, step) than the furthest rank: the ones the others wait for at a collective."""
+    """Ranks at an earlier (stage, step, phase) than the furthest rank: the ones the others wait for."""
     if not beats:
         return []
-    position = {r: (int(b.get("stage_index", -1)), int(b.get("step", -1))) for r, b in beats.items()}
+    order = {name: i for i, name in enumerate(PHASES)}
+    position = {r: (int(b.get("stage_index", -1)), int(b.get("step", -1)), order.get(b.get("phase"), -1))
+                for r, b in beats.items()}
     furthest = max(position.values())
     return sorted(r for r, p in position.items() if p < furthest)
 

@@ -13,7 +13,7 @@ import pytest
 from mmtrain.launching import run_ranks
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.guards import NonFiniteGuard, NonFiniteStop
-from mmtrain.train.heartbeat import HANG_EXIT_CODE, Heartbeat, read_heartbeats, silent_ranks
+from mmtrain.train.heartbeat import HANG_EXIT_CODE, Heartbeat, behind_ranks, read_heartbeats, silent_ranks
 
 from train_helpers import stage, write_recipe
 
@@ -47,6 +47,14 @@ def test_silent_ranks_by_stale_stamp_on_another_host() -> None:
     found = silent_ranks(beats, world_size=3, stale_after=10, now=now)
     assert set(found) == {1, 2}
     assert "no heartbeat for 50 s" in found[1] and found[2] == "never wrote a heartbeat"
+
+
+def test_a_rank_stuck_loading_data_is_named_behind() -> None:
+    beats = {0: {"stage_index": 1, "step": 5, "phase": "forward"}, 1: {"stage_index": 1, "step": 5, "phase": "data"},
+             2: {"stage_index": 1, "step": 5, "phase": "forward"}}
+    assert behind_ranks(beats) == [1]
+    beats[1]["phase"] = "forward"
+    assert behind_ranks(beats) == []
 
 
 def test_heartbeat_file_is_whole_json_after_close(tmp_path: Path) -> None:
