@@ -163,8 +163,9 @@ class Trainer:
             self.heartbeat.close("stopped")
             raise
         except Exception as exc:
-            if self.world_size > 1:
-                self.heartbeat.report(f"rank {self.rank} failed: {type(exc).__name__}: {exc}")
+            if self.world_size == 1:
+                raise
+            self.heartbeat.report(f"rank {self.rank} failed: {type(exc).__name__}: {exc}")
             raise RankFailure(str(exc)) from exc
         self.heartbeat.close()
         return self.results
