@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -41,8 +42,29 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.de
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", **timeout)
+    if not cuda and dist.get_world_size() > 1:
+        dist.barrier()  # every rank has mapped every other rank's shared-memory buffer by now
+        unlink_shm_buffer(dist.get_rank())
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def unlink_shm_buffer(rank: int) -> list[Path]:
+    """Remove this rank's name for DeepSpeed's CPU shared-memory all-reduce buffer (`/dev/shm`, 69 MB a rank).
+
+    DeepSpeed creates it at `init_distributed` on CPU and never unlinks it, so every CPU run (a test, the demo)
+    leaked 69 MB per rank of RAM-backed /dev/shm until the machine ran out of memory. Once every rank has mapped it
+    (the barrier before this call) the name can go: the mappings stay valid, and the memory is freed when the
+    last rank exits, however it exits."""
+    port = os.environ.get("MASTER_PORT", "")
+    removed = []
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def forever(loader) -> Iterator[dict]:

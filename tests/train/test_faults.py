@@ -110,6 +110,8 @@ def test_sigkill_of_rank_1_is_reported_by_rank_0_and_resume_matches(reference, t
     report = (out / "hang-report.txt").read_text()
     assert "silent ranks: rank 1\n" in report, report
     assert "written by rank 0" in report and "Python stacks of rank 0" in report
+    # DeepSpeed's CPU shared-memory buffers: unlinked at start-up, so not even a SIGKILL leaks them
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     beat = json.loads((out / "heartbeat" / "rank-1.json").read_text())
     assert beat["rank"] == 1 and beat["stage"] == "pretrain" and beat["step"] >= 2
 
