@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -13,17 +14,31 @@ from mmtrain.data.writer import BuildOptions, BuildSummary, build_shards
 from mmtrain.errors import UserError
 
 
+@dataclass(frozen=True)
+class ProductItems:
+    """Product → WorkItem: its task samples share its images; text-only items carry no images.
+
+    Picklable, so the build workers draw the samples (the parent only reads and validates catalog rows).
+    """
+
+    catalog: str
+    tasks: tuple[str, ...]
+    per_task: int
+    seed: int
+    text_only: bool
+
+    def __call__(self, product: Product) -> WorkItem:
+        samples = tuple(product_samples(product, self.tasks, self.per_task, self.seed, self.text_only))
+        images_of_item = () if self.text_only else product.image_paths
+        return WorkItem(product.product_id, images_of_item, samples, product.row, self.catalog)
+
+
 def catalog_items(catalog: str | Path, spec: CatalogSpec, images: str | Path | None, tasks: Sequence[str],
                   per_task: int, seed: int, text_only: bool) -> Iterator[WorkItem | Reject]:
-    """One WorkItem per good product (its task samples share its images); text-only items carry no images."""
+    """One WorkItem per good product, one Reject per bad row, in file order."""
+    to_item = ProductItems(str(catalog), tuple(tasks), per_task, seed, text_only)
     for entry in read_catalog(catalog, spec, images, need_images=not text_only):
-        if isinstance(entry, Reject):
-            yield entry
-            continue
-        product: Product = entry
-        samples = tuple(product_samples(product, tasks, per_task, seed, text_only))
-        images_of_item = () if text_only else product.image_paths
-        yield WorkItem(product.product_id, images_of_item, samples, product.row, str(catalog))
+        yield entry if isinstance(entry, Reject) else to_item(entry)
 
 
 def _count_rows(path: Path) -> int | None:
@@ -43,10 +58,12 @@ def build_from_catalog(spec_path: str | Path, catalog: str | Path, images: str |
         raise UserError(f"unknown tasks {unknown}; known: {list(TASKS)}")
     if per_task < 1:
         raise UserError("--per-task must be ≥ 1")
-    items = catalog_items(catalog, spec, images, tasks, per_task, options.seed, text_only)
+    products = read_catalog(catalog, spec, images, need_images=not text_only)
+    to_item = ProductItems(str(catalog), tuple(tasks), per_task, options.seed, text_only)
     meta = {"source": {"kind": "catalog", "catalog": str(catalog), "images": str(images) if images else None,
                        "spec": spec.to_json(), "tasks": list(tasks), "per_task": per_task, "text_only": text_only}}
-    return build_shards(items, options, meta, total=_count_rows(Path(catalog)) if spec.format == "csv" else None)
+    return build_shards(products, options, meta, total=_count_rows(Path(catalog)) if spec.format == "csv" else None,
+                        expand=to_item)
 
 
 def build_from_format(fmt: str, input_path: str | Path, images: str | Path | None,

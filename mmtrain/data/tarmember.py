@@ -42,16 +42,32 @@ def _ustar_header(name: bytes, size: int) -> bytes:
     return bytes(header)
 
 
-def tar_member(name: str, data: bytes) -> bytes:
-    """Header + data + padding of one regular-file member."""
+_ZEROS = memoryview(bytes(BLOCK))
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) of one regular-file member of `size` bytes."""
     raw = name.encode("utf-8")
     if len(raw) < 100:
-        header = _ustar_header(raw, len(data))
-    else:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "mmtrain", "mmtrain"
-        header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
-    return header + data + b"\0" * (-len(data) % BLOCK)
+        return _ustar_header(raw, size)
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "mmtrain", "mmtrain"
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def padding(size: int) -> memoryview:
+    """The zeros after `size` bytes of member data, up to a whole block (a view: nothing is allocated)."""
+    return _ZEROS[:-size % BLOCK]
+
+
+def member_parts(name: str, data: bytes) -> tuple[bytes, bytes, memoryview]:
+    """One member as header, data, padding: three buffers for `os.writev`, the data itself not copied."""
+    return tar_header(name, len(data)), data, padding(len(data))
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """Header + data + padding of one regular-file member."""
+    return b"".join(member_parts(name, data))
 
 
 def end_of_archive(written: int) -> bytes:

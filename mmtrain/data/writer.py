@@ -1,7 +1,11 @@
 """Shard writer: WorkItems → WebDataset tar shards + manifest.json + rejects.jsonl, built aside and renamed into place.
 
-Images are validated and re-encoded in worker processes; the parent writes tars in input order, so the same input and
-seed give byte-identical shards whatever the number of workers (tar headers carry a fixed mtime, owner and mode).
+Items go in chunks to worker processes that validate and re-encode images and lay out tar members; the samples of each
+split go to shards in input order, a new shard every `shard_size` samples, so the same input and seed give
+byte-identical shards whatever the number of workers (tar headers carry a fixed mtime, owner and mode). With one worker
+everything runs in this process; with several, each worker writes its chunk's members to a segment file and the parent
+appends segments to shards with `copy_file_range`: which shard a sample lands in depends on how many good samples come
+before it, known only in order, so the parent places and the workers write.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
 import mmtrain
 from mmtrain.data.jpeg import DEFAULT_MAX_PIXELS, ImageRejected, reencode_image
-from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE, Reject, Sample, WorkItem
-from mmtrain.data.tarmember import end_of_archive, tar_member
+from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE, Reject, WorkItem
+from mmtrain.data.tarmember import end_of_archive, padding, tar_header
 from mmtrain.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -72,24 +76,107 @@ def split_of(split_id: str, val_fraction: float) -> str:
     return "val" if bucket < val_fraction else "train"
 
 
-def _encode_item(args: tuple[WorkItem, int, int]) -> tuple[WorkItem, list[bytes] | Reject]:
-    """Worker side: re-encode the item's images once, then return each sample as ready tar member bytes.
+_json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) without the per-call set-up
 
-    A bad image rejects the whole item (all its samples need it).
+
+# What a worker reports per sample: the byte size of its tar members, its task and its number of images.
+SampleInfo = tuple[int, str, int]
+
+
+@dataclass
+class _Chunk:
+    """What encoding a run of consecutive inputs gave.
+
+    `results[i]` is input i's split and one SampleInfo per sample, or its Reject. The members themselves are either in
+    `parts[split]` (one list of buffers per sample, encoded in this process) or in the file `segments[split]` (written
+    by a worker), the samples of each split in input order.
     """
-    item, image_size, max_pixels = args
-    try:
-        images = [reencode_image(p, image_size, max_pixels=max_pixels) for p in item.image_paths]
-    except ImageRejected as exc:
-        sample = item.samples[0]
-        return item, Reject(item.row, sample.product_id or sample.key, exc.reason, str(exc), item.file)
-    blobs = []
-    for sample in item.samples:
-        parts = [tar_member(f"{sample.key}.{i}.jpg", data) for i, data in enumerate(images)]
-        record = json.dumps(sample.to_json(), ensure_ascii=False).encode("utf-8")
-        parts.append(tar_member(f"{sample.key}.json", record))
-        blobs.append(b"".join(parts))
-    return item, blobs
+
+    results: list[tuple[str, list[SampleInfo]] | Reject]
+    parts: dict[str, list[list[Any]]] = field(default_factory=dict)
+    segments: dict[str, str] = field(default_factory=dict)
+
+
+def _encode_chunk(entries: list[Any], expand: Callable[[Any], WorkItem] | None, image_size: int, max_pixels: int,
+                  val_fraction: float, segment: str | None) -> _Chunk:
+    """Turn each entry into its WorkItem (`expand`, e.g. a product → its task samples), validate and re-encode its
+    images once, and lay out its samples as tar members.
+
+    A bad image rejects the whole item (all its samples need it). Each image is referenced by every sample that shows
+    it, not copied: the buffers go to `os.writev` as they are. With `segment`, the members of each split are written
+    to `<segment>.<split>` here (a build worker) and only sizes travel back to the parent.
+    """
+    results: list[tuple[str, list[SampleInfo]] | Reject] = []
+    parts: dict[str, list[list[Any]]] = {split: [] for split in SPLITS}
+    for entry in entries:
+        item: WorkItem = expand(entry) if expand is not None else entry
+        try:
+            images = [reencode_image(p, image_size, max_pixels=max_pixels) for p in item.image_paths]
+        except ImageRejected as exc:
+            first = item.samples[0] if item.samples else None
+            who = (first.product_id or first.key) if first is not None else item.split_id
+            results.append(Reject(item.row, who, exc.reason, str(exc), item.file))
+            continue
+        split = split_of(item.split_id, val_fraction)
+        pads = [padding(len(data)) for data in images]
+        infos = []
+        for sample in item.samples:
+            members: list[Any] = []
+            for i, data in enumerate(images):
+                members += (tar_header(f"{sample.key}.{i}.jpg", len(data)), data, pads[i])
+            record = _json(sample.to_json()).encode("utf-8")
+            members += (tar_header(f"{sample.key}.json", len(record)), record, padding(len(record)))
+            parts[split].append(members)
+            infos.append((sum(map(len, members)), sample.task, sample.num_images))
+        results.append((split, infos))
+    chunk = _Chunk(results)
+    if segment is None:
+        chunk.parts = parts
+        return chunk
+    for split, samples in parts.items():
+        if samples:
+            path = f"{segment}.{split}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _writev(fd, [buf for members in samples for buf in members])
+            finally:
+                os.close(fd)
+            chunk.segments[split] = path
+    return chunk
+
+
+_IOV_BATCH = 512  # below every platform's IOV_MAX
+
+
+def _writev(fd: int, buffers: list[Any]) -> None:
+    """Write all `buffers` in order with as few system calls as the kernel allows (writev may write less)."""
+    for start in range(0, len(buffers), _IOV_BATCH):
+        batch = buffers[start:start + _IOV_BATCH]
+        left = sum(map(len, batch)) - os.writev(fd, batch)
+        if left:  # a short write: rare on regular files; finish it plainly
+            rest = memoryview(b"".join(batch))[-left:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Append `count` bytes of `src` from `offset` to `dst`, in the kernel where it can (no copy through Python)."""
+    copy = getattr(os, "copy_file_range", None)
+    while count:
+        done = 0
+        if copy is not None:
+            try:
+                done = copy(src, dst, count, offset)
+            except OSError:
+                copy = None  # a file system or kernel without it: fall back for the rest
+        if not done:
+            data = os.pread(src, min(count, 1 << 20), offset)
+            if not data:
+                raise OSError(f"segment ended {count} bytes early")
+            _writev(dst, [data])
+            done = len(data)
+        offset += done
+        count -= done
 
 
 class _ShardSink:
@@ -99,50 +186,117 @@ class _ShardSink:
         self.folder, self.split, self.shard_size = folder, split, shard_size
         self.shards: list[dict[str, Any]] = []
         self.tasks: Counter = Counter()
-        self._stream: BinaryIO | None = None
+        self._fd: int | None = None
         self._written = 0
 
-    def write(self, sample: Sample, blob: bytes) -> None:
-        if self._stream is None or self.shards[-1]["samples"] >= self.shard_size:
-            self.close()
-            name = f"{self.split}-{len(self.shards):06d}.tar"
-            self._stream = open(self.folder / name, "wb")
-            self.shards.append({"name": name, "samples": 0, "images": 0})
-        self._stream.write(blob)
-        self._written += len(blob)
-        self.shards[-1]["samples"] += 1
-        self.shards[-1]["images"] += sample.num_images
-        self.tasks[sample.task] += 1
+    def write(self, infos: list[SampleInfo], parts: list[list[Any]] | None = None, segment: int | None = None) -> None:
+        """Append samples whose members are `parts` (buffers per sample) or, back to back, the file `segment`."""
+        start, offset = 0, 0
+        while start < len(infos):
+            if self._fd is None or self.shards[-1]["samples"] >= self.shard_size:
+                self.close()
+                name = f"{self.split}-{len(self.shards):06d}.tar"
+                self._fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+                self.shards.append({"name": name, "samples": 0, "images": 0})
+            stop = min(len(infos), start + self.shard_size - self.shards[-1]["samples"])
+            count = 0
+            shard = self.shards[-1]
+            for size, task, images in infos[start:stop]:
+                count += size
+                shard["images"] += images
+                self.tasks[task] += 1
+            shard["samples"] += stop - start
+            if parts is not None:
+                _writev(self._fd, [buf for members in parts[start:stop] for buf in members])
+            else:
+                _copy_range(segment, self._fd, offset, count)
+            offset += count
+            self._written += count
+            start = stop
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.write(end_of_archive(self._written))
-            self._stream.close()
-            self._stream, self._written = None, 0
+        if self._fd is not None:
+            try:
+                _writev(self._fd, [end_of_archive(self._written)])
+            finally:
+                os.close(self._fd)
+                self._fd, self._written = None, 0
+
+    def abandon(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def summary(self) -> dict[str, Any]:
         return {"samples": sum(s["samples"] for s in self.shards), "images": sum(s["images"] for s in self.shards),
                 "tasks": dict(sorted(self.tasks.items())), "shards": self.shards}
 
 
-def _encoded(items: Iterable[WorkItem], options: BuildOptions) -> Iterator[tuple[WorkItem, list[bytes] | Reject]]:
-    """Encode items in input order; with several workers, keep a bounded window of items in flight.
+def _chunked(entries: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
+
+CHUNK_ITEMS = 32  # inputs per worker task: few enough to keep every worker busy, many enough to amortize the IPC
+
+
+def _encoded(entries: Iterable[Any], expand: Callable[[Any], WorkItem] | None, options: BuildOptions,
+             folder: Path) -> Iterator[tuple[int, _Chunk]]:
+    """(number of inputs, encoded chunk) in input order; with several workers, a bounded window of chunks in flight.
+
+    Workers write each chunk's members to segment files in `folder` and return only sizes, so the parent moves no
+    image bytes through a pipe or through Python: it appends segments to shards in the kernel (`copy_file_range`).
     A worker that dies raises BrokenProcessPool here instead of hanging the build (multiprocessing.Pool would wait).
     """
-    jobs = ((item, options.image_size, options.max_pixels) for item in items)
+    args = (expand, options.image_size, options.max_pixels, options.val_fraction)
     if options.workers == 1:
-        yield from map(_encode_item, jobs)
+        for chunk in _chunked(entries, CHUNK_ITEMS):
+            yield len(chunk), _encode_chunk(chunk, *args, None)
         return
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    window: deque[Future] = deque()
-    with ProcessPoolExecutor(options.workers, mp_context=context) as pool:
-        for job in jobs:
-            window.append(pool.submit(_encode_item, job))
-            if len(window) >= 64 * options.workers:
-                yield window.popleft().result()
+    window: deque[tuple[int, Future]] = deque()
+    pool = ProcessPoolExecutor(options.workers, mp_context=context)
+    try:
+        for n, chunk in enumerate(_chunked(entries, CHUNK_ITEMS)):
+            window.append((len(chunk), pool.submit(_encode_chunk, chunk, *args, str(folder / f".chunk-{n:09d}"))))
+            if len(window) >= 4 * options.workers:
+                count, future = window.popleft()
+                yield count, future.result()
         while window:
-            yield window.popleft().result()
+            count, future = window.popleft()
+            yield count, future.result()
+    finally:  # also on an interrupt: no worker may still write into the folder when it is removed
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_chunk(chunk: _Chunk, sinks: dict[str, _ShardSink], products: Counter, rejects: list[Reject]) -> None:
+    """Append one encoded chunk to the split sinks, in input order; a chunk's segment files go once copied."""
+    by_split: dict[str, list[SampleInfo]] = {split: [] for split in SPLITS}
+    for result in chunk.results:
+        if isinstance(result, Reject):
+            rejects.append(result)
+            continue
+        split, infos = result
+        products[split] += 1
+        by_split[split] += infos
+    for split, infos in by_split.items():
+        if not infos:
+            continue
+        if split in chunk.parts:
+            sinks[split].write(infos, parts=chunk.parts[split])
+            continue
+        fd = os.open(chunk.segments[split], os.O_RDONLY)
+        try:
+            sinks[split].write(infos, segment=fd)
+        finally:
+            os.close(fd)
+            os.unlink(chunk.segments[split])
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -151,9 +305,12 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def build_shards(inputs: Iterable[WorkItem | Reject], options: BuildOptions, meta: dict[str, Any],
-                 total: int | None = None) -> BuildSummary:
+def build_shards(inputs: Iterable[Any], options: BuildOptions, meta: dict[str, Any], total: int | None = None,
+                 expand: Callable[[Any], WorkItem] | None = None) -> BuildSummary:
     """Write every good item's samples to shards and every reject to rejects.jsonl; return counts.
+
+    `inputs` are WorkItems and Rejects, or, with `expand` (a picklable function run in the workers), whatever `expand`
+    turns into a WorkItem: the catalog build sends products and lets the workers draw their task samples.
 
     The whole shard set is written into a hidden folder beside `options.out` and renamed into place only when
     complete, so an interrupted build leaves the previous output (or none) untouched.
@@ -170,7 +327,7 @@ def build_shards(inputs: Iterable[WorkItem | Reject], options: BuildOptions, met
     products: Counter = Counter()
     sinks = {split: _ShardSink(tmp, split, options.shard_size) for split in SPLITS}
     try:
-        def good_items() -> Iterator[WorkItem]:
+        def good_items() -> Iterator[Any]:
             for entry in inputs:
                 if isinstance(entry, Reject):
                     rejects.append(entry)
@@ -178,16 +335,14 @@ def build_shards(inputs: Iterable[WorkItem | Reject], options: BuildOptions, met
                     yield entry
 
         bar = tqdm(total=total, unit="product", desc="shards", disable=not options.progress, dynamic_ncols=True)
-        for item, result in _encoded(good_items(), options):
-            processed += 1
-            bar.update(1)
-            if isinstance(result, Reject):
-                rejects.append(result)
-                continue
-            split = split_of(item.split_id, options.val_fraction)
-            products[split] += 1
-            for sample, blob in zip(item.samples, result):
-                sinks[split].write(sample, blob)
+        encoded = _encoded(good_items(), expand, options, tmp)
+        try:
+            for count, chunk in encoded:
+                processed += count
+                bar.update(count)
+                _write_chunk(chunk, sinks, products, rejects)
+        finally:
+            encoded.close()  # stops the workers before anything below (or the clean-up) touches the folder
         bar.close()
         for sink in sinks.values():
             sink.close()
@@ -209,7 +364,7 @@ def build_shards(inputs: Iterable[WorkItem | Reject], options: BuildOptions, met
         replace_dir(tmp, out)
     except BaseException:
         for sink in sinks.values():
-            sink.close()
+            sink.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildSummary(out, manifest, reject_counts, rows)
