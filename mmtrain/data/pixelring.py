@@ -24,7 +24,9 @@ PREFETCH = 2
 class PixelRing:
     """[workers, depth, capacity, H, W, 3] uint8 in shared memory plus the batch number held by each slot."""
 
-    def __init__(self, workers: int, capacity: int, size: int, depth: int = PREFETCH + 2):
+    DEPTH = PREFETCH + 2
+
+    def __init__(self, workers: int, capacity: int, size: int, depth: int = DEPTH):
         self.depth, self.capacity = depth, capacity
         self.pixels = torch.empty((workers, depth, capacity, size, size, 3), dtype=torch.uint8).share_memory_()
         self.stamp = torch.full((workers, depth), -1, dtype=torch.int64).share_memory_()

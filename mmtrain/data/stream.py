@@ -13,9 +13,9 @@ every rank takes the same number of steps whatever the shard sizes, drops or fil
 
 from __future__ import annotations
 
+import math
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator
@@ -28,6 +28,7 @@ from mmtrain.data import collate as collate_mod
 from mmtrain.data.collate import Example
 from mmtrain.data.cursor import SourceCursor, fresh_position
 from mmtrain.data.images import ImageConfig, normalize_hwc_batch, sample_rng
+from mmtrain.data.packing import Probe, SlotPacker, end_epoch, epoch_batches, probe_sources
 from mmtrain.data.pixelring import PREFETCH, PixelRing
 from mmtrain.data.plan import Source, make_sources, samples_per_slot
 from mmtrain.data.shardio import ShardReader
@@ -36,6 +37,8 @@ from mmtrain.data.template import Renderer, SampleDropped
 from mmtrain.errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+RING_BYTES = 64 << 20
+"""Cap on the shared pixel ring (mind /dev/shm in containers)."""
 STATE_VERSION = 1  # cursors without `read` (taken before it was counted) load with read = 0
 
 
@@ -51,7 +54,7 @@ class LoaderConfig:
     template: str = "owl"
     split: str = "train"
     batch_size: int = 8
-    """Samples per step on each rank (packed or not)."""
+    """Samples per step on each rank; with `pack`, rows of `max_length` tokens per step (a token budget)."""
     max_length: int = 2048
     truncate: bool = True
     """Cut longer samples (dropped if no label survives); False: drop every sample longer than max_length."""
@@ -66,6 +69,7 @@ class LoaderConfig:
     shuffle: bool = True
     shuffle_buffer: int = 1000
     pack: bool = False
+    """Fill `batch_size` rows of `max_length` tokens per step with whole samples (see packing.py, docs/loader.md)."""
     pad_to_multiple: int = 8
     num_workers: int = 2
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -104,7 +108,7 @@ def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 class Plan:
     """Epoch arithmetic shared by every slot: counts are computed from manifests before reading a byte."""
 
-    def __init__(self, cfg: LoaderConfig, sources: list[Source], world_size: int):
+    def __init__(self, cfg: LoaderConfig, sources: list[Source], world_size: int, probe: Probe | None = None):
         self.workers = max(1, cfg.num_workers)
         self.num_slots = world_size * self.workers
         single = len(sources) == 1 and cfg.mode == "exact" and cfg.samples_per_epoch is None
@@ -117,6 +121,11 @@ class Plan:
             raise UserError(f"{total} samples per epoch cannot feed {self.num_slots} ranks × workers")
         full, rest = divmod(self.samples_per_slot, cfg.batch_size)
         self.batches_per_slot = full + (1 if rest and not cfg.drop_last else 0)
+        self.probe = probe
+        if cfg.pack:  # a token budget per step: the epoch is sized from the length probe (packing.py)
+            assert probe is not None, "packing needs a length probe"
+            self.samples_per_step = probe.samples_per_budget(cfg.batch_size, cfg.max_length)
+            self.batches_per_slot = epoch_batches(self.samples_per_slot, probe, cfg.batch_size, cfg.max_length)
         if self.batches_per_slot == 0:
             raise UserError(f"{self.samples_per_slot} samples per worker < batch_size {cfg.batch_size} with drop_last")
         self.steps_per_epoch = self.batches_per_slot * self.workers
@@ -174,7 +183,7 @@ class SlotStream:
     def _next_example(self) -> Example:
         """The next sample this slot delivers. A skipped one is replaced by the one after it (the run's end moves
         into fillers), so the slot still yields its fixed number of samples and every rank stays in step."""
-        dropped: Counter = Counter()
+        dropped = 0
         while True:
             cursor = self.cursors[self._draw()]
             self.state["read"] = self.state.get("read", 0) + 1
@@ -189,9 +198,10 @@ class SlotStream:
                 warn_skipped(exc)
                 reason = exc.reason
             count(self.state["dropped"], reason)
-            dropped[reason] += 1
-            if sum(dropped.values()) > 1000 + 2 * sum(c.source.samples for c in self.cursors):
-                raise UserError(f"slot {self.slot}: every sample is dropped ({dict(dropped)}); check max_length")
+            dropped += 1
+            if dropped > 1000 + 2 * sum(c.source.samples for c in self.cursors):
+                raise UserError(f"slot {self.slot}: every sample is dropped ({self.state['dropped']}); "
+                                "check max_length")
 
     def _collate(self, examples: list[Example]) -> dict:
         """numpy arrays + one uint8 pixel tensor; the consuming process finishes them (`collate.to_torch`)."""
@@ -213,6 +223,11 @@ class SlotStream:
             batch["pixel_values"] = torch.from_numpy(np.stack(images))
 
     def batches(self) -> Iterator[dict]:
+        if self.cfg.pack:
+            plan = self.plan
+            yield from SlotPacker(self, self.cfg.batch_size, plan.samples_per_slot, plan.batches_per_slot,
+                                  plan.samples_per_step, exact=not plan.loop).batches_iter()
+            return
         sizes = self.plan.batch_sizes(self.cfg.batch_size)
         done = self.state["batches"]
         sent = 0
@@ -237,7 +252,10 @@ def _as_sent(batch: dict) -> dict:
 
 
 def _copy_state(state: dict) -> dict:
-    return {"read": 0, **state, "sources": [dict(p) for p in state["sources"]], "dropped": dict(state["dropped"])}
+    out = {"read": 0, **state, "sources": [dict(p) for p in state["sources"]], "dropped": dict(state["dropped"])}
+    if "pack" in state:
+        out["pack"] = {**state["pack"], "pending": list(state["pack"]["pending"])}
+    return out
 
 
 def initial_state(num_sources: int) -> dict:
@@ -277,8 +295,9 @@ class StreamLoader:
         self.cfg = cfg
         self.rank, self.world_size = dist_rank_world(rank, world_size)
         self.sources = make_sources(cfg.data, cfg.split)
-        self.plan = Plan(cfg, self.sources, self.world_size)
         self.renderer = Renderer(tokenizer, cfg.template, cfg.num_image_slots, cfg.max_length, cfg.truncate)
+        probe = probe_sources(self.sources, self.renderer) if cfg.pack else None
+        self.plan = Plan(cfg, self.sources, self.world_size, probe)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         first = self.rank * self.plan.workers
         self.slots = {s: initial_state(len(self.sources)) for s in range(first, first + self.plan.workers)}
@@ -293,7 +312,7 @@ class StreamLoader:
         rotation = self.batches_in_epoch % self.plan.workers
         workers = self.cfg.num_workers
         if workers and self.ring is None:  # mapped before the workers fork; reused by every epoch
-            self.ring = PixelRing(workers, self.cfg.batch_size, self.cfg.image.size)  # more images: a tensor
+            self.ring = PixelRing(workers, self._ring_capacity(), self.cfg.image.size)  # more images: a tensor
         dataset = StreamDataset(self, rotation)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                             collate_fn=_as_sent, prefetch_factor=PREFETCH if workers else None)
@@ -315,6 +334,19 @@ class StreamLoader:
         self.batches_in_epoch = 0
         for state in self.slots.values():
             state.update(epoch=self.epoch, batches=0)
+            end_epoch(state, self.plan.loop)
+
+    def _ring_capacity(self) -> int:
+        """Images per batch the shared ring holds: batch_size, or for packed steps the probe's images per budget
+        with a margin, capped at RING_BYTES in all (a batch with more images travels as a tensor)."""
+        if not self.cfg.pack:
+            return self.cfg.batch_size
+        probe = self.plan.probe
+        assert probe is not None
+        want = math.ceil(1.25 * probe.images_per_sample()
+                         * probe.samples_per_budget(self.cfg.batch_size, self.cfg.max_length))
+        per_image = self.cfg.image.size ** 2 * 3 * self.plan.workers * PixelRing.DEPTH
+        return max(1, min(max(want, self.cfg.batch_size), RING_BYTES // per_image))
 
     def sample_counts(self) -> dict:
         """`{"read": n, "skipped": {reason: n}}` for this rank since the run began (restored on resume): samples
@@ -331,8 +363,8 @@ class StreamLoader:
         """JSON-serializable cursor of this rank (save one per rank)."""
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.plan.workers, "seed": self.cfg.seed, "epoch": self.epoch,
-                "batches_in_epoch": self.batches_in_epoch,
-                "slots": {str(s): _copy_state(st) for s, st in self.slots.items()}}
+                "batches_in_epoch": self.batches_in_epoch, "steps_per_epoch": self.plan.steps_per_epoch,
+                "pack": self.cfg.pack, "slots": {str(s): _copy_state(st) for s, st in self.slots.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken. The layout (ranks × workers, seed) must be the same."""
@@ -343,6 +375,10 @@ class StreamLoader:
             if state[name] != mine:
                 raise UserError(f"data cursor was taken with {name}={state[name]}, this run has {mine}; exact "
                                 "resume needs the same ranks × workers layout and seed")
+        for name, mine in (("pack", self.cfg.pack), ("steps_per_epoch", self.plan.steps_per_epoch)):
+            if name in state and state[name] != mine:  # older cursors lack these
+                raise UserError(f"data cursor was taken with {name}={state[name]}, this run has {mine}; exact "
+                                "resume needs the same data, batch_size, max_length, pack and tokenizer")
         self.epoch = state["epoch"]
         self.batches_in_epoch = state["batches_in_epoch"]
         self.slots = {int(s): _copy_state(st) for s, st in state["slots"].items()}

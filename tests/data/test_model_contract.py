@@ -20,7 +20,8 @@ def shards(tmp_path_factory):
 
 
 def first_batch(shards, slots, pack=False):
-    cfg = LoaderConfig(data=str(shards), num_image_slots=slots, batch_size=4, max_length=1024, num_workers=0,
+    cfg = LoaderConfig(data=str(shards), num_image_slots=slots, batch_size=1 if pack else 4, max_length=1024,
+                       num_workers=0,
                        image=ImageConfig(size=32), shuffle=False, pack=pack)
     return next(iter(build_loader(cfg, tiny_tokenizer(), rank=0, world_size=1)))
 
@@ -52,8 +53,8 @@ def test_packed_layerwise_batch_runs_forward(shards):
     tok = tiny_tokenizer()
     config = tiny_config("layerwise", vocab_size=len(tok), image_token_id=image_token_id(tok), layers=2)
     batch = first_batch(shards, 0, pack=True)
-    assert batch["input_ids"].shape[0] == 1 and batch["image_slots"][:, 0].tolist() == [0, 0, 0]
-    assert batch["segment_ids"].max().item() == 4  # four samples in one row; positions shifted by their offsets
+    assert batch["input_ids"].shape[0] == 1 and batch["image_slots"][:, 0].tolist() == [0] * 6
+    assert batch["segment_ids"].max().item() == 6  # six samples in one row; positions shifted by their offsets
     model = VisionLanguageModel.from_config(config).eval()
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=block_causal_mask(batch["segment_ids"]),
