@@ -309,7 +309,8 @@ class Trainer:
             elapsed = time.perf_counter() - tick
             lrs = engine.get_lr()
             record = {"stage": stage.name, "stage_index": index, "step": step, "loss": loss, "lr": lrs[0],
-                      "grad_norm": grad_norm, "samples_per_s": stats[1].item() / elapsed,
+                      "grad_norm": grad_norm, "samples": int(stats[1].item()),
+                      "samples_per_s": stats[1].item() / elapsed,
                       "tokens_per_s": stats[2].item() / elapsed, **self._throughput(stats[3].item(), elapsed),
                       "samples_read": result.samples_read,
                       "skipped": result.skipped, "nonfinite_steps": guard.total,
