@@ -110,11 +110,12 @@ def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, 
 
 def enable_checkpointing(model: VisionLanguageModel, parts: dict[str, bool]) -> None:
     """Gradient checkpointing per part, through HF's own switch (non-reentrant: works with frozen inputs and ZeRO-3)."""
-    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    if parts.get("llm"):
-        model.llm.gradient_checkpointing_enable(**kwargs)
-    if parts.get("vision"):
-        model.vision.model.gradient_checkpointing_enable(**kwargs)
+    for part, module in (("llm", model.llm), ("vision", model.vision.model)):
+        if parts.get(part):
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_liger(model: VisionLanguageModel) -> bool:
