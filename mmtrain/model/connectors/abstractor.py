@@ -29,6 +29,18 @@ class AbstractorOptions:
     end_token: bool = True
     """Append the learnable end-of-image vector (num_queries + 1 tokens per image)."""
     layer_norm_eps: float = 1e-6
+    image_only: bool = False
+    """Not in mPLUG-Owl (for models trained from scratch at toy scale): drop the output's image-independent paths.
+    The queries only ask (their learned value is not carried into the output), they attend to the ViT tokens alone,
+    and `visual_fc` has no bias, so the output is built from what was read from the image."""
+    center: bool = False
+    """Not in mPLUG-Owl: subtract the output's mean over images, per slot and channel, as batch normalisation does
+    (the batch's mean while training with 2+ images, which updates a running mean; the running mean otherwise), so the
+    tokens carry only what differs between images and cannot drift into a constant soft prompt."""
+    center_momentum: float = 0.05
+    output_scale: float = 0.0
+    """Not in mPLUG-Owl: > 0 RMS-normalises every output token to this scale (learnable per-channel gain starting
+    there), e.g. the LLM's text-embedding scale; 0 (default) leaves the output as `visual_fc` gives it."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -44,6 +56,7 @@ class AbstractorLayer(nn.Module):
         super().__init__()
         h = o.hidden_size
         self.num_heads = o.num_heads
+        self.attend_queries = not o.image_only
         self.norm_q = nn.LayerNorm(h, eps=o.layer_norm_eps)
         self.norm_kv = nn.LayerNorm(h, eps=o.layer_norm_eps)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(h, h) for _ in range(4))
@@ -58,7 +71,7 @@ class AbstractorLayer(nn.Module):
 
     def forward(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
         q = self.norm_q(queries)
-        kv = torch.cat([q, self.norm_kv(vision)], dim=1)
+        kv = torch.cat([q, self.norm_kv(vision)], dim=1) if self.attend_queries else self.norm_kv(vision)
         attn = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(kv)), self._heads(self.v_proj(kv)))
         queries = queries + self.o_proj(attn.transpose(1, 2).reshape(queries.shape))
         x = self.norm_ffn(queries)
@@ -70,10 +83,20 @@ class VisualAbstractor(nn.Module):
 
     def __init__(self, o: AbstractorOptions, vision_width: int, out_width: int):
         super().__init__()
-        self.queries = nn.Parameter(torch.zeros(1, o.num_queries, o.hidden_size))
+        # image_only: the queries never meet each other, so they start apart (random) instead of at zero
+        init = torch.randn(1, o.num_queries, o.hidden_size) * 0.02 if o.image_only else torch.zeros(1, o.num_queries, o.hidden_size)
+        self.queries = nn.Parameter(init)
         self.vision_in = nn.Linear(vision_width, o.hidden_size) if vision_width != o.hidden_size else nn.Identity()
         self.layers = nn.ModuleList(AbstractorLayer(o) for _ in range(o.num_layers))
-        self.visual_fc = nn.Linear(o.hidden_size, out_width)
+        self.image_only = o.image_only
+        self.visual_fc = nn.Linear(o.hidden_size, out_width, bias=not o.image_only)
+        self.output_gain = nn.Parameter(torch.full((out_width,), float(o.output_scale))) if o.output_scale > 0 else None
+        self.eps = o.layer_norm_eps
+        self.center_momentum = o.center_momentum
+        if o.center:
+            self.register_buffer("running_mean", torch.zeros(o.num_queries, out_width))
+        else:
+            self.running_mean = None
         self.end_token = nn.Parameter(torch.randn(1, 1, out_width) * 0.02) if o.end_token else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -81,7 +104,19 @@ class VisualAbstractor(nn.Module):
         queries = self.queries.expand(features.shape[0], -1, -1)
         for layer in self.layers:
             queries = layer(queries, vision)
+        if self.image_only:  # keep what the layers added, not the learned queries themselves
+            queries = queries - self.queries
         out = self.visual_fc(queries)
+        if self.running_mean is not None:
+            if self.training and out.shape[0] > 1:
+                mean = out.mean(0)
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.center_momentum)
+            else:
+                mean = self.running_mean.to(out.dtype)
+            out = out - mean
+        if self.output_gain is not None:
+            out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps) * self.output_gain
         if self.end_token is not None:
             out = torch.cat([out, self.end_token.expand(out.shape[0], -1, -1)], dim=1)
         return out
