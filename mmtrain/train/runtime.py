@@ -42,8 +42,9 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.de
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", **timeout)
-    if not cuda and dist.get_world_size() > 1:
-        dist.barrier()  # every rank has mapped every other rank's shared-memory buffer by now
+    if not cuda:
+        if dist.get_world_size() > 1:
+            dist.barrier()  # every rank has mapped every other rank's shared-memory buffer by now
         unlink_shm_buffer(dist.get_rank())
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device

@@ -113,3 +113,4 @@ def test_trainer_refuses_to_start_on_a_failed_preflight(tiny_data, tmp_path: Pat
     assert result.returncode != 0
     assert "sequence length   FAIL" in log and "pre-flight checks failed" in log, log[-2000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))  # a single rank leaks none either
