@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from itertools import islice
 from pathlib import Path
@@ -106,21 +105,33 @@ def print_manifest(manifest: dict[str, Any], file=None) -> None:
 
 
 def iter_shard_samples(folder: Path, split: str) -> Iterator[dict[str, Any]]:
-    """Decoded samples of one split in shard order, read with webdataset as the loader reads them."""
-    import webdataset as wds
-
+    """Records of one split in shard order, read as the loader reads them: a bad sample (cut shard, broken json,
+    images not matching the marks …) is skipped with the loader's one-line warning instead of a traceback."""
+    from mmtrain.data.shardio import ShardReader
+    from mmtrain.data.skips import BadSample, check_sample, warn_skipped
     from mmtrain.data.writer import read_manifest
 
     manifest = read_manifest(folder)
     if split not in manifest["splits"]:
         raise UserError(f"{folder}: no split {split!r} (have {list(manifest['splits'])})")
-    urls = [str(folder / s["name"]) for s in manifest["splits"][split]["shards"]]
-    if not urls:
-        return
-    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        record = json.loads(raw["json"])
-        record["images"] = [raw[k] for k in sorted((k for k in raw if k.endswith(".jpg")), key=lambda k: int(k[:-4]))]
-        yield record
+    reader = ShardReader()
+    try:
+        for shard in manifest["splits"][split]["shards"]:
+            url = str(folder / shard["name"])
+            try:
+                count = len(reader.index(url))
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{url}: cannot read tar shard: {exc}") from exc
+            for position in range(count):
+                try:
+                    raw = reader.read(url, position)
+                    _, images = check_sample(raw)
+                except BadSample as exc:
+                    warn_skipped(exc)
+                    continue
+                yield {**raw["json"], "images": images}
+    finally:
+        reader.close()
 
 
 def run_inspect(args: argparse.Namespace) -> int:
