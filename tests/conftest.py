@@ -1,10 +1,12 @@
-"""Shared fixtures: where the real catalog lives (../shared in CI and dev, the shipped sample otherwise)."""
+"""Shared fixtures: where the real catalog lives (../shared in CI and dev, the shipped sample otherwise), and tiny
+multimodal + text-only shard sets built from its first 160 rows (once per session)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "shards" / "catalogs" / "fashion-products.yaml"
@@ -21,3 +23,22 @@ def real_catalog() -> Path:
 @pytest.fixture(scope="session")
 def fashion_spec() -> Path:
     return SPEC
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, real_catalog: Path) -> dict[str, Path]:
+    """`mm` and `text` shard sets from the catalog's first 160 rows (48 px images), shared by the trainer and doctor
+    tests, which each train their own tokenizer on them."""
+    from mmtrain.data.build import build_from_catalog
+    from mmtrain.data.writer import BuildOptions
+
+    root = tmp_path_factory.mktemp("tiny-shards")
+    lines = (real_catalog / "styles.csv").read_bytes().splitlines(keepends=True)[:161]
+    (root / "styles.csv").write_bytes(b"".join(lines))
+    paths = {"mm": root / "mm", "text": root / "text"}
+    for kind in ("mm", "text"):
+        build_from_catalog(SPEC, root / "styles.csv", real_catalog,
+                           BuildOptions(out=paths[kind], image_size=48, shard_size=200, progress=False),
+                           text_only=kind == "text")
+    return paths
+

@@ -2,9 +2,9 @@
 
 On a cluster the costly failure is the silent one: a rank dies or blocks, and the others wait at a collective until
 the job's time limit. Every rank keeps `OUT/heartbeat/rank-N.json` up to date from two places:
-  - the training loop, at each phase change (data, forward, backward, optimizer, save) with the step and the last
-    batch's composition: that is *progress*;
-  - a daemon thread, every few seconds, stamping `alive`: it keeps running while the main thread waits inside a
+  - the training loop records each phase change (data, forward, backward, optimizer, save) with the step and the
+    last batch's composition: that is *progress* (kept in memory; only the rare phases are written at once);
+  - a daemon thread, every few seconds, writes the file stamped `alive`: it keeps running while the main thread waits inside a
     collective, so a rank whose `alive` goes stale is dead or frozen, not merely waiting.
 The same thread is the watchdog: no progress for `hang_timeout_s` → it writes the report (every rank's last heartbeat,
 which ranks are silent or behind, this process's Python stacks by faulthandler) and ends the process with
@@ -52,7 +52,7 @@ def read_heartbeats(out: Path) -> dict[int, dict[str, Any]]:
     return beats
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process of this host runs (a zombie, killed but not yet reaped by its launcher, does not)."""
     try:
         os.kill(pid, 0)
@@ -79,7 +79,7 @@ def silent_ranks(beats: dict[int, dict[str, Any]], world_size: int, stale_after:
             found[rank] = "never wrote a heartbeat"
             continue
         age = now - float(beat["alive"])
-        if beat.get("host") == host and not _pid_alive(int(beat["pid"])):
+        if beat.get("host") == host and not pid_alive(int(beat["pid"])):
             found[rank] = f"process {beat['pid']} on {host} is gone (last alive {age:.0f} s ago)"
         elif age > stale_after:
             found[rank] = f"no heartbeat for {age:.0f} s (dead, frozen or cut off)"
@@ -88,6 +88,9 @@ def silent_ranks(beats: dict[int, dict[str, Any]], world_size: int, stale_after:
 
 PHASES = ("startup", "build", "data", "forward", "backward", "optimizer", "save", "barrier", "done", "stopped")
 """In the order a step goes through them: a rank still loading data while the others wait in forward is behind."""
+SLOW_PHASES = ("startup", "build", "save", "barrier", "done", "stopped")
+"""Phases written to the file at once; the per-micro-batch ones are written by the stamping thread (every interval),
+so the hot loop never touches the (often shared, networked) filesystem."""
 
 
 def behind_ranks(beats: dict[int, dict[str, Any]]) -> list[int]:
@@ -168,7 +171,8 @@ class Heartbeat:
                 self.state["batch"] = batch
             self.state["phase"] = phase
             self.state["phase_since"] = time.time()
-        self._write()
+        if phase in SLOW_PHASES:  # the others, several per micro-batch, reach the file with the next stamp
+            self._write()
 
     def report(self, reason: str) -> Path:
         """Write `OUT/hang-report.txt` (+ this rank's stacks) and return its path. Waits until a dead peer's stamp

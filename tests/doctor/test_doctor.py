@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-from conftest import REPO, tiny_recipe
+from doctor_helpers import REPO, tiny_recipe
 from mmtrain.cli import main
 from mmtrain.config import load_recipe, recipe_from_dict
 from mmtrain.doctor import Check, failures, format_table, run_checks

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmtrain.train.heartbeat import pid_alive
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 
 
@@ -56,18 +58,7 @@ def _pid_of(pid_file: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still "exists" for kill(0): look at its state.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+_alive = pid_alive  # a zombie counts as gone: the trainer's own check (mmtrain/train/heartbeat.py)
 
 
 def stop_pid_file(pid_file: Path, timeout: float = 10.0) -> None:
