@@ -5,6 +5,7 @@ products apart, so they are a separate switch that stays off unless asked for.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -102,7 +103,8 @@ def draft_scale(width: int, height: int, draft_size: int | None) -> int:
     return next((s for s in (8, 4, 2) if fits >= s), 1)
 
 
-def decode_array(data: bytes, draft_size: int | None = None, max_pixels: int | None = None) -> np.ndarray | None:
+def decode_array(data: bytes, draft_size: int | None = None, max_pixels: int | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray | None:
     """JPEG bytes → uint8 [H, W, 3] with simplejpeg (libjpeg-turbo straight into a numpy array: no Pillow object,
     no RGB repack; ~2× faster than Pillow here), or None when the image should take Pillow's path instead: not a
     JPEG, not YCbCr/grey (CMYK, YCCK, Adobe RGB), a header past Pillow's own bomb limit (Pillow raises or warns,
@@ -110,7 +112,10 @@ def decode_array(data: bytes, draft_size: int | None = None, max_pixels: int | N
 
     Pixels equal Pillow's decode + `draft` exactly: both are libjpeg-turbo with the same IDCT and upsampling, and
     the DCT scale is Pillow's (`draft_scale`); tests compare them on catalog images, progressive, 4:4:4/4:2:2/4:2:0,
-    grey, and 1/2–1/8 scaled decodes. `max_pixels` is checked on the header before any decode (ImageTooLarge)."""
+    grey, and 1/2–1/8 scaled decodes. `max_pixels` is checked on the header before any decode (ImageTooLarge).
+    With `out` (uint8, C-contiguous) an unscaled image of exactly its shape is decoded into it and `out` itself is
+    returned (the loader's shared pixel ring: no copy); anything else gets its own array. Pillow never runs here, so
+    no Pillow warning can come from this function."""
     if simplejpeg is None or data[:2] != b"\xff\xd8":
         return None
     try:
@@ -125,6 +130,9 @@ def decode_array(data: bytes, draft_size: int | None = None, max_pixels: int | N
         raise ImageTooLarge(_too_large(width, height, max_pixels))
     s = draft_scale(width, height, draft_size)
     try:
+        if s == 1 and out is not None and out.shape == (height, width, 3):
+            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+            return out
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // s), min_width=-(-width // s))
     except ValueError:  # truncated, corrupt, or a libjpeg warning in strict mode: Pillow has the last word
         return None
@@ -180,25 +188,38 @@ def normalize_batch(pixels: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:
     return pixels.float().sub_(mean).mul_(inv_std)
 
 
+@functools.lru_cache(maxsize=16)
+def _hwc_constants(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """mean × 255 and 1 / (std × 255) as float32 [3, 1, 1], computed exactly as `normalize_batch` does (torch float32),
+    once per mean/std instead of once per batch."""
+    m = (torch.tensor(mean) * 255.0).numpy()[:, None, None]
+    inv = (1.0 / (torch.tensor(std) * 255.0)).numpy()[:, None, None]
+    m.flags.writeable = inv.flags.writeable = False
+    return m, inv
+
+
 def normalize_hwc_batch(pixels: torch.Tensor | np.ndarray | Sequence[np.ndarray], cfg: ImageConfig) -> torch.Tensor:
     """uint8 images as decoded ([N, H, W, 3], or N arrays [H, W, 3]) → normalized float [N, 3, H, W], contiguous,
-    values identical to `normalize_batch` (same float32 constants, same subtract-then-multiply). Done per image in
-    numpy (one strided cast-copy into CHW, then two contiguous in-place passes): one thread, ~0.7 ms for 8 × 224²
-    (measured), where torch's broadcast ops on a busy 2-core machine took 15 ms with 2 intra-op threads. Reads the
-    source once, so it can copy straight out of a worker's shared buffer or out of the per-sample arrays (no stacking
-    copy)."""
+    values identical to `normalize_batch` (same float32 constants, same subtract-then-multiply). Done in numpy: one
+    strided cast-copy into CHW, then two contiguous in-place passes (the whole batch at once for one array, else per
+    image): one thread, ~0.6 ms for 8 × 224² (measured), where torch's broadcast ops on a busy 2-core machine took
+    15 ms with 2 intra-op threads. Reads the source once, so it can copy straight out of a worker's shared buffer or
+    out of the per-sample arrays (no stacking copy)."""
     if isinstance(pixels, torch.Tensor):
         pixels = pixels.numpy()
-    mean = (torch.tensor(cfg.mean) * 255.0).numpy()
-    inv_std = (1.0 / (torch.tensor(cfg.std) * 255.0)).numpy()
     if len(pixels) == 0:
         return torch.zeros((0, *cfg.shape))
+    mean, inv_std = _hwc_constants(tuple(cfg.mean), tuple(cfg.std))
     h, w, c = pixels[0].shape
     out = np.empty((len(pixels), c, h, w), dtype=np.float32)
-    mean, inv_std = mean[:, None, None], inv_std[:, None, None]
+    if isinstance(pixels, np.ndarray):
+        out[...] = pixels.transpose(0, 3, 1, 2)  # the one strided read, cast on the way; then two contiguous passes
+        out -= mean
+        out *= inv_std
+        return torch.from_numpy(out)
     for i, img in enumerate(pixels):
         chw = out[i]
-        chw[...] = img.transpose(2, 0, 1)  # the one strided read, cast on the way; then two contiguous passes
+        chw[...] = img.transpose(2, 0, 1)
         chw -= mean
         chw *= inv_std
     return torch.from_numpy(out)
@@ -220,15 +241,41 @@ def preprocess_uint8(data: bytes, cfg: ImageConfig, rng: random.Random | None = 
 
 
 def preprocess_hwc(data: bytes, cfg: ImageConfig, rng: random.Random | None = None,
-                   max_pixels: int | None = None) -> np.ndarray:
+                   max_pixels: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """JPEG bytes → resized uint8 [size, size, 3] as decoded (no transpose, no torch): the loader's per-sample path.
     A JPEG that decodes to exactly size × size (the shard builder's usual output) is returned as simplejpeg decoded
-    it: `resize_image` would leave it unchanged. Batches transpose and normalize once with `normalize_hwc_batch`."""
-    array = decode_array(data, cfg.size, max_pixels)
-    if array is not None and array.shape[:2] == (cfg.size, cfg.size) and not (cfg.augment and rng is not None):
-        return array
-    img = Image.fromarray(array) if array is not None else decode_image_pil(data, cfg.size, max_pixels)
-    return np.asarray(resize_image(img, cfg, rng))
+    it: `resize_image` would leave it unchanged. Batches transpose and normalize once with `normalize_hwc_batch`.
+    With `out` ([size, size, 3] uint8) the pixels are written into it and `out` is returned: decoded in place on the
+    fast path, copied in otherwise."""
+    return finish_hwc(data, decode_hwc(data, cfg, rng, max_pixels, out), cfg, rng, max_pixels, out)
+
+
+def decode_hwc(data: bytes, cfg: ImageConfig, rng: random.Random | None = None, max_pixels: int | None = None,
+               out: np.ndarray | None = None) -> np.ndarray | None:
+    """`preprocess_hwc`'s first step, simplejpeg only (no Pillow, so no Pillow warning can fire): the decoded array
+    (into `out` when it is already the final image), or None for Pillow's path. `finish_hwc` completes it."""
+    direct = out if not (cfg.augment and rng is not None) else None  # augmentation resizes: decode aside
+    return decode_array(data, cfg.size, max_pixels, direct)
+
+
+def finished(array: np.ndarray | None, cfg: ImageConfig, rng: random.Random | None = None) -> bool:
+    """Whether `decode_hwc`'s result is already the final image (exactly size × size, no augmentation)."""
+    return array is not None and array.shape[:2] == (cfg.size, cfg.size) and not (cfg.augment and rng is not None)
+
+
+def finish_hwc(data: bytes, array: np.ndarray | None, cfg: ImageConfig, rng: random.Random | None = None,
+               max_pixels: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """`preprocess_hwc`'s second step: Pillow's decode when simplejpeg left the image, then resize / augment; the
+    result is written into `out` when given."""
+    if finished(array, cfg, rng):
+        result = array
+    else:
+        img = Image.fromarray(array) if array is not None else decode_image_pil(data, cfg.size, max_pixels)
+        result = np.asarray(resize_image(img, cfg, rng))
+    if out is None or result is out:
+        return result
+    out[...] = result
+    return out
 
 
 def sample_rng(key: str, epoch: int, seed: int) -> random.Random:

@@ -36,7 +36,7 @@ from mmtrain.data.skips import check_sample
 from mmtrain.data.template import Renderer
 
 if TYPE_CHECKING:
-    from mmtrain.data.stream import SlotStream
+    from mmtrain.data.slot import SlotStream
 
 MARGIN = 0.92
 """Samples per step assumed when sizing the epoch, as a fraction of what the probe packs: slack for slots whose
@@ -260,7 +260,6 @@ class SlotPacker:
 
     def batches_iter(self) -> Iterator[dict]:
         s = self.s
-        sent = 0
         try:
             for b in range(s.state["batches"], self.batches):
                 rows = self._fill(b)
@@ -274,8 +273,7 @@ class SlotPacker:
                 s.state["batches"] += 1
                 batch = collate_mod.pack_arrays(examples, s.pad_id, s.cfg.image.shape, self.max_length,
                                                 s.cfg.pad_to_multiple, rows=index_rows, min_rows=self.rows)
-                s._ship_pixels(batch, sent)
-                sent += 1
+                s.ship_pixels(batch, [it.example for it in self.queue])
                 state = self._cursor()
                 s.state["pack"] = state["pack"]
                 batch["cursor"] = (s.slot, state)

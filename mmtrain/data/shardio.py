@@ -4,27 +4,32 @@ webdataset's `tarfile_to_samples` reads a shard front to back, so resuming at sa
 throw away 900 samples. Here a shard is indexed by walking its tar headers (plain ustar headers are parsed directly;
 anything else, e.g. GNU long names or pax headers, goes through `tarfile`), members are grouped into samples with
 webdataset's own key rule (`base_plus_ext`, extensions lower-cased, a repeated extension is an error, as in
-`group_by_keys`), and a sample is read with one seek and one read (its members are contiguous in the tar). Only the
-`json` member is decoded (`json.loads`, as webdataset's json handler); images stay bytes. No pickle handlers.
+`group_by_keys`), and a sample is read with one `pread` (its members are contiguous in the tar). Only the `json`
+member is decoded (`json.loads`, as webdataset's json handler); images stay bytes. No pickle handlers.
+
+Speed (per sample, 2 members): the header walk reads the file in 64 KiB chunks and parses the headers found in each
+(one syscall per ~8 samples instead of a seek and a read per header), members are tuples, and a json member that is
+plainly UTF-8 skips `json.loads`' encoding sniffing; together ~9 µs → ~4 µs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
 from mmtrain.data.skips import BadSample
 
 BLOCK = 512
+CHUNK = 1 << 16
+"""Bytes read at once by the header walk: the headers of several small members come in one read."""
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
     name: str
     offset: int
     size: int
@@ -40,10 +45,13 @@ def _ustar_walk(f: BinaryIO) -> tuple[list[Member], bool] | None:
     its end-of-archive block (False: the file was cut), or None to fall back to `tarfile`."""
     members = []
     pos = 0
+    buf, start = b"", 0  # buf holds the file's bytes [start, start + len(buf)); a short read only at its end
     while True:
-        f.seek(pos)
-        header = f.read(BLOCK)
-        if len(header) < BLOCK or header.count(0) == BLOCK:
+        if pos + BLOCK > start + len(buf):
+            f.seek(pos)
+            buf, start = f.read(CHUNK), pos
+        header = buf[pos - start:pos - start + BLOCK]
+        if len(header) < BLOCK or (header[0] == 0 and header.count(0) == BLOCK):
             return members, _is_end(header)
         kind = header[156:157]
         if kind not in (b"0", b"\0") or header[124] & 0x80:  # links, dirs, pax/GNU headers, base-256 sizes
@@ -95,16 +103,19 @@ class ShardIndex:
             walk = _ustar_walk(f)
         members, complete = walk if walk is not None else _tarfile_walk(path)
         self.cut = not complete
-        for m in members:
-            key, ext = base_plus_ext(m.name)
+        samples, last, group = self.samples, None, []
+        for name, offset, size in members:
+            key, ext = base_plus_ext(name)
             if key is None:
                 continue
             ext = ext.lower()
-            if not self.samples or self.samples[-1][0] != key:
-                self.samples.append((key, []))
-            elif any(e == ext for e, _, _ in self.samples[-1][1]):
-                raise ValueError(f"{path}: sample {key}: duplicate member {m.name}")
-            self.samples[-1][1].append((ext, m.offset, m.size))
+            if key != last:
+                group = []
+                samples.append((key, group))
+                last = key
+            elif any(e == ext for e, _, _ in group):
+                raise ValueError(f"{path}: sample {key}: duplicate member {name}")
+            group.append((ext, offset, size))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -116,20 +127,23 @@ class ShardReader:
     def __init__(self, max_open: int = 4):
         self.max_open = max_open
         self._open: OrderedDict[str, tuple[ShardIndex, BinaryIO]] = OrderedDict()
+        self._last: str | None = None  # the most recently used path (already at the LRU's end)
 
     def index(self, path: str) -> ShardIndex:
         return self._get(path)[0]
 
     def _get(self, path: str) -> tuple[ShardIndex, BinaryIO]:
+        if path == self._last:  # the usual case: the same shard as the sample before
+            return self._open[path]
         if path in self._open:
             self._open.move_to_end(path)
-            return self._open[path]
-        entry = (ShardIndex(path), open(path, "rb"))
-        self._open[path] = entry
-        while len(self._open) > self.max_open:
-            _, (_, f) = self._open.popitem(last=False)
-            f.close()
-        return entry
+        else:
+            self._open[path] = (ShardIndex(path), open(path, "rb"))
+            while len(self._open) > self.max_open:
+                _, (_, f) = self._open.popitem(last=False)
+                f.close()
+        self._last = path
+        return self._open[path]
 
     def read(self, path: str, position: int) -> dict:
         """Sample `position` of shard `path` as a webdataset sample dict: `__key__`, `__url__`, `json` (decoded),
@@ -149,9 +163,8 @@ class ShardReader:
                             f"sample {position} of the manifest is lost")
         key, members = index.samples[position]
         first = members[0][1]
-        f.seek(first)
         want = members[-1][1] + members[-1][2] - first
-        span = f.read(want)
+        span = _pread(f, want, first)
         if len(span) < want:  # the file shrank after it was indexed: never hand on short bytes
             raise BadSample(path, key, "truncated_shard", f"{want - len(span)} bytes missing at the end of the file")
         sample: dict = {"__key__": key, "__url__": path}
@@ -159,7 +172,7 @@ class ShardReader:
             sample[ext] = span[offset - first:offset - first + size]
         if "json" in sample:
             try:
-                sample["json"] = json.loads(sample["json"])
+                sample["json"] = loads_json(sample["json"])
             except Exception as exc:  # JSONDecodeError, UnicodeDecodeError, RecursionError
                 raise BadSample(path, key, "bad_json", f"cannot decode json: {exc}") from exc
         return sample
@@ -168,3 +181,30 @@ class ShardReader:
         for _, f in self._open.values():
             f.close()
         self._open.clear()
+        self._last = None
+
+
+def _pread(f: BinaryIO, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` in one call (fewer where the file ends)."""
+    if hasattr(os, "pread"):
+        out = os.pread(f.fileno(), size, offset)
+        while 0 < len(out) < size:  # a short read before the end (signals, network file systems)
+            more = os.pread(f.fileno(), size - len(out), offset + len(out))
+            if not more:
+                break
+            out += more
+        return out
+    f.seek(offset)
+    return f.read(size)
+
+
+_decoder = json.JSONDecoder()
+
+
+def loads_json(data: bytes) -> object:
+    """`json.loads(data)`, minus its encoding sniffing when `data` plainly is UTF-8 (starts with `{` and no NUL
+    after it): then `json.loads` would decode it as UTF-8 ('surrogatepass') and parse it with the default decoder,
+    which is exactly what this does. Anything else (BOMs, UTF-16/32) goes to `json.loads` itself."""
+    if data[:1] == b"{" and data[1:2] != b"\0":
+        return _decoder.decode(data.decode("utf-8", "surrogatepass"))
+    return json.loads(data)

@@ -5,7 +5,8 @@ The only data module that knows about ranks. Stages, in order (each a small func
   grouping/decoding) → cursor (cursor.py: block shuffle, exact position) → mix (seeded, counter-based draws by
   weight) → check (skips.py: bad samples skipped with a warning, or raised) → render template (drop samples
   with nothing to learn) → decode images → batch → collate/pack. Skips and drops are counted per reason in the
-  cursor.
+  cursor. One slot's producer (read → … → ship) is `slot.SlotStream`; this module holds the configuration, the epoch
+  arithmetic and the main-process side (hand-off from the workers, normalization, the cursor).
 
 Every slot (rank × worker) yields exactly `samples_per_slot` samples per epoch in the same number of batches, so
 every rank takes the same number of steps whatever the shard sizes, drops or filters. See docs/loader.md.
@@ -15,25 +16,22 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data import collate as collate_mod
-from mmtrain.data.collate import Example
-from mmtrain.data.cursor import SourceCursor, fresh_position
-from mmtrain.data.images import ImageConfig, normalize_hwc_batch, sample_rng
-from mmtrain.data.packing import Probe, SlotPacker, end_epoch, epoch_batches, probe_sources
+from mmtrain.data.cursor import fresh_position
+from mmtrain.data.images import ImageConfig, normalize_hwc_batch
+from mmtrain.data.packing import LOOKAHEAD, Probe, end_epoch, epoch_batches, probe_sources
 from mmtrain.data.pixelring import PREFETCH, PixelRing
 from mmtrain.data.plan import Source, make_sources, samples_per_slot
-from mmtrain.data.shardio import ShardReader
-from mmtrain.data.skips import BadSample, check_sample, count, load_image, merge_counts, warn_skipped
-from mmtrain.data.template import Renderer, SampleDropped
+from mmtrain.data.skips import merge_counts
+from mmtrain.data.slot import SlotStream, copy_state
+from mmtrain.data.template import Renderer
 from mmtrain.errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -138,124 +136,10 @@ class Plan:
         return sizes
 
 
-class SlotStream:
-    """One slot's (rank, worker) epoch: mixes its sources, renders samples and yields (batch, cursor after it)."""
-
-    def __init__(self, cfg: LoaderConfig, sources: list[Source], plan: Plan, renderer: Renderer, pad_id: int,
-                 slot: int, state: dict, ring: PixelRing | None = None, worker: int = 0):
-        self.cfg, self.plan, self.renderer, self.pad_id, self.slot = cfg, plan, renderer, pad_id, slot
-        self.ring, self.worker = ring, worker
-        self.state = state
-        self.reader = ShardReader()
-        self.weights = [s.weight for s in sources]
-        self.cursors = []
-        for i, source in enumerate(sources):
-            position = state["sources"][i]
-            if not plan.loop and position["epoch"] != state["epoch"]:
-                position = fresh_position(state["epoch"])  # a single exact source restarts with the epoch
-            self.cursors.append(SourceCursor(source, i, slot, plan.num_slots, cfg.seed, cfg.mode, plan.loop,
-                                             cfg.shuffle, cfg.shuffle_buffer, self.reader, position))
-
-    def _draw(self) -> int:
-        """Which source the next sample comes from: counter-based seeded draw, so the mixer's state is one int."""
-        if len(self.cursors) == 1:
-            return 0
-        n = self.state["draws"]
-        self.state["draws"] = n + 1
-        return random.Random(f"mix:{self.cfg.seed}:{self.slot}:{n}").choices(range(len(self.weights)),
-                                                                            self.weights)[0]
-
-    def _example(self, raw: dict, filler: bool, epoch: int) -> Example:
-        """Check, render, decode one raw sample; BadSample (unreadable) or SampleDropped (nothing to learn)."""
-        shard, key = raw["__url__"], raw["__key__"]
-        conversation, images = check_sample(raw)
-        try:
-            rendered = self.renderer.render(conversation, None, key=key)
-        except SampleDropped:
-            raise
-        except Exception as exc:  # a conversation the template refuses, e.g. <image> in an assistant turn
-            raise BadSample(shard, key, "bad_sample", f"{type(exc).__name__}: {exc}") from exc
-        rng = sample_rng(key, epoch, self.cfg.seed) if self.cfg.image.augment else None
-        pixels = [load_image(images[i], self.cfg.image, rng, self.cfg.max_image_pixels, shard, key, i)
-                  for i in range(len(rendered.image_starts))]  # images cut by truncation come last: not decoded
-        return Example(rendered.input_ids, rendered.labels, rendered.image_starts, pixels, key, filler)
-
-    def _next_example(self) -> Example:
-        """The next sample this slot delivers. A skipped one is replaced by the one after it (the run's end moves
-        into fillers), so the slot still yields its fixed number of samples and every rank stays in step."""
-        dropped = 0
-        while True:
-            cursor = self.cursors[self._draw()]
-            self.state["read"] = self.state.get("read", 0) + 1
-            try:
-                raw, filler = cursor.next()  # the position moves past the sample even when reading it fails
-                return self._example(raw, filler, self.state["epoch"])
-            except SampleDropped as exc:
-                reason = exc.reason
-            except BadSample as exc:
-                if self.cfg.on_error == "raise":
-                    raise
-                warn_skipped(exc)
-                reason = exc.reason
-            count(self.state["dropped"], reason)
-            dropped += 1
-            if dropped > 1000 + 2 * sum(c.source.samples for c in self.cursors):
-                raise UserError(f"slot {self.slot}: every sample is dropped ({self.state['dropped']}); "
-                                "check max_length")
-
-    def _collate(self, examples: list[Example]) -> dict:
-        """numpy arrays + one uint8 pixel tensor; the consuming process finishes them (`collate.to_torch`)."""
-        if self.cfg.pack:
-            return collate_mod.pack_arrays(examples, self.pad_id, self.cfg.image.shape, self.cfg.max_length,
-                                           self.cfg.pad_to_multiple)
-        return collate_mod.collate_arrays(examples, self.pad_id, self.cfg.image.shape, self.cfg.pad_to_multiple)
-
-    def _ship_pixels(self, batch: dict, k: int) -> None:
-        """In a worker, decoded images go into the shared ring (or, if they do not fit, one uint8 tensor)."""
-        images = batch["pixel_values"]
-        if not isinstance(images, list) or get_worker_info() is None:
-            return
-        ref = self.ring.put(self.worker, k, images) if self.ring is not None else None
-        if ref is not None:
-            batch["pixel_values"] = None
-            batch["pixel_ring"] = ref
-        else:
-            batch["pixel_values"] = torch.from_numpy(np.stack(images))
-
-    def batches(self) -> Iterator[dict]:
-        if self.cfg.pack:
-            plan = self.plan
-            yield from SlotPacker(self, self.cfg.batch_size, plan.samples_per_slot, plan.batches_per_slot,
-                                  plan.samples_per_step, exact=not plan.loop).batches_iter()
-            return
-        sizes = self.plan.batch_sizes(self.cfg.batch_size)
-        done = self.state["batches"]
-        sent = 0
-        try:
-            for size in sizes[done:]:
-                examples = [self._next_example() for _ in range(size)]
-                self.state["batches"] += 1
-                self.state["sources"] = [dict(c.position) for c in self.cursors]
-                batch = self._collate(examples)
-                self._ship_pixels(batch, sent)
-                sent += 1
-                batch["cursor"] = (self.slot, _copy_state(self.state))
-                yield batch
-        finally:
-            self.reader.close()
-
-
 def _as_sent(batch: dict) -> dict:
     """DataLoader collate_fn: keep the worker's numpy arrays as they are. The default would turn each into a tensor,
     and every tensor crosses to the main process as its own shared-memory file (~0.6 ms each, measured)."""
     return batch
-
-
-def _copy_state(state: dict) -> dict:
-    out = {"read": 0, **state, "sources": [dict(p) for p in state["sources"]], "dropped": dict(state["dropped"])}
-    if "pack" in state:
-        out["pack"] = {**state["pack"], "pending": list(state["pack"]["pending"])}
-    return out
 
 
 def initial_state(num_sources: int) -> dict:
@@ -271,7 +155,7 @@ class StreamDataset(IterableDataset):
     def __init__(self, loader: "StreamLoader", rotation: int):
         self.cfg, self.sources, self.plan = loader.cfg, loader.sources, loader.plan
         self.renderer, self.pad_id, self.rank = loader.renderer, loader.pad_id, loader.rank
-        self.states = {slot: _copy_state(s) for slot, s in loader.slots.items()}
+        self.states = {slot: copy_state(s) for slot, s in loader.slots.items()}
         self.rotation = rotation
         self.ring = loader.ring
 
@@ -338,13 +222,16 @@ class StreamLoader:
 
     def _ring_capacity(self) -> int:
         """Images per batch the shared ring holds: batch_size, or for packed steps the probe's images per budget
-        with a margin, capped at RING_BYTES in all (a batch with more images travels as a tensor)."""
+        with a margin plus the images of the samples that may wait for the next step (they are decoded into the
+        slot of the step that read them and moved on), capped at RING_BYTES in all (a batch with more images
+        travels as a tensor)."""
         if not self.cfg.pack:
             return self.cfg.batch_size
         probe = self.plan.probe
         assert probe is not None
-        want = math.ceil(1.25 * probe.images_per_sample()
-                         * probe.samples_per_budget(self.cfg.batch_size, self.cfg.max_length))
+        per_sample = probe.images_per_sample()
+        want = math.ceil(1.25 * per_sample * probe.samples_per_budget(self.cfg.batch_size, self.cfg.max_length)
+                         + LOOKAHEAD * per_sample)
         per_image = self.cfg.image.size ** 2 * 3 * self.plan.workers * PixelRing.DEPTH
         return max(1, min(max(want, self.cfg.batch_size), RING_BYTES // per_image))
 
@@ -364,7 +251,7 @@ class StreamLoader:
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.plan.workers, "seed": self.cfg.seed, "epoch": self.epoch,
                 "batches_in_epoch": self.batches_in_epoch, "steps_per_epoch": self.plan.steps_per_epoch,
-                "pack": self.cfg.pack, "slots": {str(s): _copy_state(st) for s, st in self.slots.items()}}
+                "pack": self.cfg.pack, "slots": {str(s): copy_state(st) for s, st in self.slots.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken. The layout (ranks × workers, seed) must be the same."""
@@ -381,7 +268,7 @@ class StreamLoader:
                                 "resume needs the same data, batch_size, max_length, pack and tokenizer")
         self.epoch = state["epoch"]
         self.batches_in_epoch = state["batches_in_epoch"]
-        self.slots = {int(s): _copy_state(st) for s, st in state["slots"].items()}
+        self.slots = {int(s): copy_state(st) for s, st in state["slots"].items()}
 
 
 def build_loader(cfg: LoaderConfig, tokenizer, rank: int | None = None, world_size: int | None = None) -> StreamLoader:

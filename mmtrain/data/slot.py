@@ -1,0 +1,152 @@
+"""One slot's (rank, worker) producer: read → check → render → decode → collate → ship, with the cursor after each
+batch. Split out of stream.py, which keeps the configuration, the epoch arithmetic and the main-process side.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from mmtrain.data import collate as collate_mod
+from mmtrain.data.collate import Example
+from mmtrain.data.cursor import SourceCursor, fresh_position
+from mmtrain.data.images import sample_rng
+from mmtrain.data.packing import SlotPacker
+from mmtrain.data.pixelring import PixelRing, RingWriter
+from mmtrain.data.plan import Source
+from mmtrain.data.shardio import ShardReader
+from mmtrain.data.skips import BadSample, check_sample, count, load_image, warn_skipped
+from mmtrain.data.template import Renderer, SampleDropped
+from mmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from mmtrain.data.stream import LoaderConfig, Plan
+
+
+def _no_buffer() -> None:
+    return None
+
+
+class SlotStream:
+    """One slot's (rank, worker) epoch: mixes its sources, renders samples and yields (batch, cursor after it)."""
+
+    def __init__(self, cfg: "LoaderConfig", sources: list[Source], plan: "Plan", renderer: Renderer, pad_id: int,
+                 slot: int, state: dict, ring: PixelRing | None = None, worker: int = 0):
+        self.cfg, self.plan, self.renderer, self.pad_id, self.slot = cfg, plan, renderer, pad_id, slot
+        self.state = state
+        in_worker = ring is not None and get_worker_info() is not None
+        self.writer = RingWriter(ring, worker) if in_worker else None
+        """Images are decoded straight into the shared ring slot of the batch being produced (workers only)."""
+        self.reader = ShardReader()
+        self.weights = [s.weight for s in sources]
+        self.cursors = []
+        for i, source in enumerate(sources):
+            position = state["sources"][i]
+            if not plan.loop and position["epoch"] != state["epoch"]:
+                position = fresh_position(state["epoch"])  # a single exact source restarts with the epoch
+            self.cursors.append(SourceCursor(source, i, slot, plan.num_slots, cfg.seed, cfg.mode, plan.loop,
+                                             cfg.shuffle, cfg.shuffle_buffer, self.reader, position))
+
+    def _draw(self) -> int:
+        """Which source the next sample comes from: counter-based seeded draw, so the mixer's state is one int."""
+        if len(self.cursors) == 1:
+            return 0
+        n = self.state["draws"]
+        self.state["draws"] = n + 1
+        return random.Random(f"mix:{self.cfg.seed}:{self.slot}:{n}").choices(range(len(self.weights)),
+                                                                            self.weights)[0]
+
+    def _example(self, raw: dict, filler: bool, epoch: int) -> Example:
+        """Check, render, decode one raw sample; BadSample (unreadable) or SampleDropped (nothing to learn)."""
+        shard, key = raw["__url__"], raw["__key__"]
+        conversation, images = check_sample(raw)
+        try:
+            rendered = self.renderer.render(conversation, None, key=key)
+        except SampleDropped:
+            raise
+        except Exception as exc:  # a conversation the template refuses, e.g. <image> in an assistant turn
+            raise BadSample(shard, key, "bad_sample", f"{type(exc).__name__}: {exc}") from exc
+        rng = sample_rng(key, epoch, self.cfg.seed) if self.cfg.image.augment else None
+        buffer = self.writer.buffer if self.writer is not None else _no_buffer
+        pixels = [load_image(images[i], self.cfg.image, rng, self.cfg.max_image_pixels, shard, key, i, buffer())
+                  for i in range(len(rendered.image_starts))]  # images cut by truncation come last: not decoded
+        return Example(rendered.input_ids, rendered.labels, rendered.image_starts, pixels, key, filler)
+
+    def _next_example(self) -> Example:
+        """The next sample this slot delivers. A skipped one is replaced by the one after it (the run's end moves
+        into fillers), so the slot still yields its fixed number of samples and every rank stays in step."""
+        dropped = 0
+        while True:
+            cursor = self.cursors[self._draw()]
+            self.state["read"] = self.state.get("read", 0) + 1
+            try:
+                raw, filler = cursor.next()  # the position moves past the sample even when reading it fails
+                return self._example(raw, filler, self.state["epoch"])
+            except SampleDropped as exc:
+                reason = exc.reason
+            except BadSample as exc:
+                if self.cfg.on_error == "raise":
+                    raise
+                warn_skipped(exc)
+                reason = exc.reason
+            count(self.state["dropped"], reason)
+            dropped += 1
+            if dropped > 1000 + 2 * sum(c.source.samples for c in self.cursors):
+                raise UserError(f"slot {self.slot}: every sample is dropped ({self.state['dropped']}); "
+                                "check max_length")
+
+    def _collate(self, examples: list[Example]) -> dict:
+        """numpy arrays + one uint8 pixel tensor; the consuming process finishes them (`collate.to_torch`)."""
+        if self.cfg.pack:
+            return collate_mod.pack_arrays(examples, self.pad_id, self.cfg.image.shape, self.cfg.max_length,
+                                           self.cfg.pad_to_multiple)
+        return collate_mod.collate_arrays(examples, self.pad_id, self.cfg.image.shape, self.cfg.pad_to_multiple)
+
+    def ship_pixels(self, batch: dict, waiting: Sequence[Example] = ()) -> None:
+        """In a worker, the batch's decoded images travel as their positions in the shared ring (or, if they do not
+        fit, as one uint8 tensor). `waiting`: samples read but left for a later batch (packing)."""
+        if self.writer is None:
+            return
+        images = batch["pixel_values"]
+        listed = isinstance(images, list)  # else a tensor: no images (text only), nothing to ship but the waiting
+        held = [ex.pixel_values for ex in waiting if isinstance(ex.pixel_values, list)]
+        ref = self.writer.ship(images if listed else [], held)
+        if not listed:
+            return
+        if ref is not None:
+            batch["pixel_values"] = None
+            batch["pixel_ring"] = ref
+        else:
+            batch["pixel_values"] = torch.from_numpy(np.stack(images))
+
+    def batches(self) -> Iterator[dict]:
+        if self.cfg.pack:
+            plan = self.plan
+            yield from SlotPacker(self, self.cfg.batch_size, plan.samples_per_slot, plan.batches_per_slot,
+                                  plan.samples_per_step, exact=not plan.loop).batches_iter()
+            return
+        sizes = self.plan.batch_sizes(self.cfg.batch_size)
+        done = self.state["batches"]
+        try:
+            for size in sizes[done:]:
+                examples = [self._next_example() for _ in range(size)]
+                self.state["batches"] += 1
+                self.state["sources"] = [dict(c.position) for c in self.cursors]
+                batch = self._collate(examples)
+                self.ship_pixels(batch)
+                batch["cursor"] = (self.slot, copy_state(self.state))
+                yield batch
+        finally:
+            self.reader.close()
+
+
+def copy_state(state: dict) -> dict:
+    """A slot state detached from the live one (it travels with a batch, or into a checkpoint)."""
+    out = {"read": 0, **state, "sources": [dict(p) for p in state["sources"]], "dropped": dict(state["dropped"])}
+    if "pack" in state:
+        out["pack"] = {**state["pack"], "pending": list(state["pack"]["pending"])}
+    return out
