@@ -46,18 +46,6 @@ class PixelRing:
             self._np = (self.pixels.numpy(), self.stamp.numpy())
         return self._np
 
-    def put(self, worker: int, k: int, images: Sequence[np.ndarray]) -> Ref | None:
-        """Copy batch k's images into its slot (in the worker); None when they do not fit (sent as a tensor)."""
-        pixels, stamp = self.arrays
-        if len(images) > self.capacity or (images and images[0].shape != pixels.shape[3:]):
-            return None
-        slot = k % self.depth
-        stamp[worker, slot] = k
-        dst = pixels[worker, slot]
-        for i, img in enumerate(images):
-            dst[i] = img
-        return (worker, slot, k, len(images))
-
     def view(self, ref: Ref) -> np.ndarray | list[np.ndarray]:
         """The batch's images in batch order: one [n, H, W, 3] view, or a list of [H, W, 3] views."""
         worker, slot, _, where = ref
@@ -80,8 +68,7 @@ class RingWriter:
     def __init__(self, ring: PixelRing, worker: int):
         self.ring, self.worker = ring, worker
         self.k = 0
-        self._given: list[np.ndarray] = []  # positions of batch k's slot handed out so far (views, kept alive)
-        self._ids: dict[int, int] = {}  # id(view) -> position: the decode returns the very view it was handed
+        self._handed = 0  # positions of batch k's slot handed out so far
         self._claimed = False
 
     def _slot(self) -> np.ndarray:
@@ -94,20 +81,11 @@ class RingWriter:
 
     def buffer(self) -> np.ndarray | None:
         """The next free position of batch k's slot, or None when the slot is full (the image gets its own array)."""
-        n = len(self._given)
+        n = self._handed
         if n >= self.ring.capacity:
             return None
-        view = self._slot()[n]
-        self._given.append(view)
-        self._ids[id(view)] = n
-        return view
-
-    def _locate(self, slot: np.ndarray, base: int, img: np.ndarray) -> int:
-        """Position of `img` in batch k's slot, or -1: by identity for the views handed out, else by address."""
-        p = self._ids.get(id(img))
-        if p is not None and self._given[p] is img:
-            return p
-        return _position(slot, base, img)
+        self._handed = n + 1
+        return self._slot()[n]
 
     def ship(self, images: Sequence[np.ndarray], waiting: Sequence[list[np.ndarray]] = ()) -> Ref | None:
         """Batch k's images (in batch order) as a ring reference, or None (then send them as a tensor). `waiting`: the
@@ -117,11 +95,11 @@ class RingWriter:
         with batch k + 1 - depth, the next slot's last batch."""
         slot = self._slot()
         base = _address(slot)
-        carry = [(pixels, i) for pixels in waiting for i, img in enumerate(pixels) if self._locate(slot, base, img) >= 0]
+        carry = [(pixels, i) for pixels in waiting for i, img in enumerate(pixels) if _position(slot, base, img) >= 0]
         ref: Ref | None = None
         if len(images) <= self.ring.capacity and (not images or images[0].shape == slot.shape[1:]):
-            positions = [self._locate(slot, base, img) for img in images]
-            taken = set(positions).union(self._locate(slot, base, pixels[i]) for pixels, i in carry)
+            positions = [_position(slot, base, img) for img in images]
+            taken = set(positions).union(_position(slot, base, pixels[i]) for pixels, i in carry)
             free = (p for p in range(self.ring.capacity) if p not in taken)
             for i, p in enumerate(positions):
                 if p < 0:  # decoded elsewhere (the slot was full, or a sample read for an earlier batch): copy in
@@ -134,7 +112,7 @@ class RingWriter:
                 ref = (self.worker, self.k % self.ring.depth, self.k,
                        n if positions == list(range(n)) else tuple(positions))
         self.k += 1
-        self._given, self._ids, self._claimed = [], {}, False
+        self._handed, self._claimed = 0, False
         for pixels, i in carry:
             dst = self.buffer()
             if dst is None:
