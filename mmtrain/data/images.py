@@ -209,7 +209,12 @@ def normalize_hwc_batch(pixels: torch.Tensor | np.ndarray | Sequence[np.ndarray]
         pixels = pixels.numpy()
     if len(pixels) == 0:
         return torch.zeros((0, *cfg.shape))
-    mean, inv_std = _hwc_constants(tuple(cfg.mean), tuple(cfg.std))
+    return _normalize_hwc(pixels, tuple(cfg.mean), tuple(cfg.std))
+
+
+def _normalize_hwc(pixels: np.ndarray | Sequence[np.ndarray], mean_: tuple[float, ...],
+                   std_: tuple[float, ...]) -> torch.Tensor:
+    mean, inv_std = _hwc_constants(mean_, std_)
     h, w, c = pixels[0].shape
     out = np.empty((len(pixels), c, h, w), dtype=np.float32)
     if isinstance(pixels, np.ndarray):
@@ -223,6 +228,45 @@ def normalize_hwc_batch(pixels: torch.Tensor | np.ndarray | Sequence[np.ndarray]
         chw -= mean
         chw *= inv_std
     return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_hwc_constants` as tensors on `device`: moved there once per mean/std and device, not once per batch."""
+    m, inv = _hwc_constants(mean, std)
+    return torch.from_numpy(m.copy()).to(device), torch.from_numpy(inv.copy()).to(device)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [N, 3, H, W] (any strides: the loader's are channels-last views) → normalized float32 [N, 3, H, W],
+    contiguous, on the pixels' own device. Why here and not in the loader: the trainer moves the uint8 batch to the
+    accelerator first (4× fewer bytes over the host link, no float pass in the loader's process) and normalizes
+    there. Values are identical to `normalize_hwc_batch` / `normalize_batch`: the same float32 constants and the
+    same subtract-then-multiply, each an exactly rounded float32 op on every device."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalize_pixels takes uint8 pixels, got {pixels.dtype}")
+    if pixels.device.type == "cpu":  # torch's cast + broadcast ops took 20 ms per 8 × 224² here (2 busy threads)
+        if len(pixels) == 0:
+            return torch.zeros(pixels.shape)
+        return _normalize_hwc(pixels.permute(0, 2, 3, 1).numpy(), tuple(mean), tuple(std))
+    return _normalize_torch(pixels, tuple(mean), tuple(std))
+
+
+def _normalize_torch(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """`normalize_pixels` in torch ops, for accelerators (tested equal to the numpy path on the CPU)."""
+    m, inv = _device_constants(mean, std, pixels.device)
+    out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+    out.copy_(pixels)  # cast + layout change in one pass
+    return out.sub_(m).mul_(inv)
+
+
+def hwc_to_nchw_uint8(pixels: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 images as decoded ([N, H, W, 3], or N arrays [H, W, 3]) → a uint8 tensor [N, 3, H, W] that owns its
+    pixels: one contiguous copy, laid out channels-last (a permuted view; `normalize_pixels` makes it NCHW on the
+    device). A copy, so a view into a worker's shared ring can be handed back as soon as this returns."""
+    stacked = pixels.copy() if isinstance(pixels, np.ndarray) else np.stack(pixels)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2)
 
 
 def normalize(img: Image.Image, cfg: ImageConfig) -> torch.Tensor:

@@ -90,6 +90,17 @@ def _tarfile_members(path: str) -> Iterator[Member]:
     return iter(_tarfile_walk(path)[0])
 
 
+def split_name(name: str) -> tuple[str | None, str | None]:
+    """webdataset's `base_plus_ext` (key = up to the first dot of the last path part, ext = the rest), without its
+    regex for the usual name (no newline, the last part has a dot after at least one character): the regex's greedy
+    match is exactly this there. Anything else goes to `base_plus_ext` itself. Tested equal on odd names."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot > slash and "\n" not in name:
+        return name[:dot], name[dot + 1:]
+    return base_plus_ext(name)
+
+
 class ShardIndex:
     """The samples of one tar shard, in file order: key and its members as (extension, data offset, size).
 
@@ -105,16 +116,18 @@ class ShardIndex:
         self.cut = not complete
         samples, last, group = self.samples, None, []
         for name, offset, size in members:
-            key, ext = base_plus_ext(name)
+            key, ext = split_name(name)
             if key is None:
                 continue
             ext = ext.lower()
             if key != last:
-                group = []
+                group = [(ext, offset, size)]
                 samples.append((key, group))
                 last = key
-            elif any(e == ext for e, _, _ in group):
-                raise ValueError(f"{path}: sample {key}: duplicate member {name}")
+                continue
+            for e, _, _ in group:
+                if e == ext:
+                    raise ValueError(f"{path}: sample {key}: duplicate member {name}")
             group.append((ext, offset, size))
 
     def __len__(self) -> int:

@@ -100,7 +100,7 @@ class SlotStream:
                                 "check max_length")
 
     def _collate(self, examples: list[Example]) -> dict:
-        """numpy arrays + one uint8 pixel tensor; the consuming process finishes them (`collate.to_torch`)."""
+        """numpy arrays + the uint8 pixels; the consuming process finishes them (`collate.to_torch`)."""
         if self.cfg.pack:
             return collate_mod.pack_arrays(examples, self.pad_id, self.cfg.image.shape, self.cfg.max_length,
                                            self.cfg.pad_to_multiple)
@@ -121,7 +121,7 @@ class SlotStream:
             batch["pixel_values"] = None
             batch["pixel_ring"] = ref
         else:
-            batch["pixel_values"] = torch.from_numpy(np.stack(images))
+            batch["pixel_values"] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [N, 3, H, W] view
 
     def batches(self) -> Iterator[dict]:
         if self.cfg.pack:

@@ -6,7 +6,7 @@ The only data module that knows about ranks. Stages, in order (each a small func
   weight) → check (skips.py: bad samples skipped with a warning, or raised) → render template (drop samples
   with nothing to learn) → decode images → batch → collate/pack. Skips and drops are counted per reason in the
   cursor. One slot's producer (read → … → ship) is `slot.SlotStream`; this module holds the configuration, the epoch
-  arithmetic and the main-process side (hand-off from the workers, normalization, the cursor).
+  arithmetic and the main-process side (hand-off from the workers, pixels out of the ring, the cursor).
 
 Every slot (rank × worker) yields exactly `samples_per_slot` samples per epoch in the same number of batches, so
 every rank takes the same number of steps whatever the shard sizes, drops or filters. See docs/loader.md.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data import collate as collate_mod
 from mmtrain.data.cursor import fresh_position
-from mmtrain.data.images import ImageConfig, normalize_hwc_batch
+from mmtrain.data.images import ImageConfig
 from mmtrain.data.packing import LOOKAHEAD, Probe, end_epoch, epoch_batches, probe_sources
 from mmtrain.data.pixelring import PREFETCH, PixelRing
 from mmtrain.data.plan import Source, make_sources, samples_per_slot
@@ -200,16 +199,17 @@ class StreamLoader:
         dataset = StreamDataset(self, rotation)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                             collate_fn=_as_sent, prefetch_factor=PREFETCH if workers else None)
-        normalize = partial(normalize_hwc_batch, cfg=self.cfg.image)
+        norm = (tuple(self.cfg.image.mean), tuple(self.cfg.image.std))
         for batch in loader:
             slot, state = batch.pop("cursor")
             ref = batch.pop("pixel_ring", None)
             if ref is not None:
                 assert self.ring is not None
                 batch["pixel_values"] = self.ring.view(ref)
-            out = collate_mod.to_torch(batch, normalize)  # copies the pixels out of the ring slot
+            out = collate_mod.to_torch(batch)  # copies the uint8 pixels out of the ring slot (one memcpy)
             if ref is not None:
                 self.ring.check(ref)
+            out["pixel_norm"] = norm
             self.slots[slot] = state
             self.batches_in_epoch += 1
             yield out

@@ -74,6 +74,9 @@ def forever(loader) -> Iterator[dict]:
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """A loader batch → the model's keyword arguments on `device`. The loader's pixels are uint8: they cross to
+    the device as they are (4× fewer bytes than float) and are normalized there with the batch's `pixel_norm`
+    (mean, std), then cast to `dtype`; the model gets the same normalized pixels as before the move, exactly."""
     inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
     if "segment_ids" in batch and "position_ids" in inputs:  # packed rows: attention stays within each sample
         from mmtrain.data.collate import block_causal_mask
@@ -81,7 +84,14 @@ def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype
         inputs["attention_mask"] = block_causal_mask(batch["segment_ids"], dtype)
     out = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in out:
-        out["pixel_values"] = out["pixel_values"].to(dtype)
+        pixels = out["pixel_values"]
+        if pixels.dtype == torch.uint8:
+            if batch.get("pixel_norm") is None:
+                raise ValueError("uint8 pixel_values need the batch's pixel_norm (mean, std) to be normalized")
+            from mmtrain.data.images import normalize_pixels
+
+            pixels = normalize_pixels(pixels, *batch["pixel_norm"])
+        out["pixel_values"] = pixels.to(dtype)
     return out
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 from loader_fixtures import make_conversation, tiny_tokenizer
 from PIL import Image
 
@@ -271,3 +272,10 @@ def test_whole_batch_normalize_equals_per_image_and_reference():
     assert torch.equal(normalize_hwc_batch(stacked, cfg), reference)
     assert torch.equal(normalize_hwc_batch(images, cfg), reference)
     assert normalize_hwc_batch(stacked[:0], cfg).shape == (0, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("name", ["k.json", "k.0.jpg", "a/b/k.0.JPG", "a.b/c.d", "dir/.hidden.json", ".x", "x.", "x",
+                                  "a/b", "a/.b/c.d", "a\n.b", "a.b\n", "a/b\n/c.d", "a..b", "/abs/x.json", "x/", "",
+                                  "../../escape.json", "a.b/.c", "ü/é.ß.jpg", "a\nb/c.d", ".", "/", "/.a", "a/b.c\n"])
+def test_member_name_split_equals_webdatasets_rule(name):
+    assert shardio.split_name(name) == base_plus_ext(name)

@@ -10,6 +10,7 @@ from mmtrain.data.images import ImageConfig
 from mmtrain.data.stream import LoaderConfig, build_loader
 from mmtrain.data.tokenizer import image_token_id
 from mmtrain.model import VisionLanguageModel, num_image_slots, tiny_config
+from mmtrain.train.runtime import model_inputs
 
 SLOTS = {"abstractor": 65, "mlp": 17, "xattn": 1, "layerwise": 0}  # mlp: (32 / 8)² patches + CLS
 
@@ -34,6 +35,7 @@ def test_loader_batch_runs_forward_with_loss(shards, connector):
     assert slots == SLOTS[connector]
     batch = first_batch(shards, slots)
     assert batch["pixel_values"].shape == (3, 3, 32, 32)  # samples 1, 2 (2 images), 3 are not text-only
+    assert batch["pixel_values"].dtype == torch.uint8  # normalized by the trainer, on the device
     torch.manual_seed(0)
     model = VisionLanguageModel.from_config(config).eval()
     ids = batch["input_ids"]
@@ -44,8 +46,7 @@ def test_loader_batch_runs_forward_with_loss(shards, connector):
         else:  # the first token after the mark: the owl fixture writes "<image>\n", so a newline token
             assert tok.decode(ids[row, start:start + 1]).startswith("\n")
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    pixel_values=batch["pixel_values"], image_slots=batch["image_slots"])
+        out = model(**model_inputs(batch, torch.device("cpu"), torch.float32))
     assert torch.isfinite(out.loss) and out.loss.item() > 0
 
 
@@ -57,7 +58,7 @@ def test_packed_layerwise_batch_runs_forward(shards):
     assert batch["segment_ids"].max().item() == 6  # six samples in one row; positions shifted by their offsets
     model = VisionLanguageModel.from_config(config).eval()
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=block_causal_mask(batch["segment_ids"]),
-                    labels=batch["labels"], pixel_values=batch["pixel_values"], image_slots=batch["image_slots"],
-                    position_ids=batch["position_ids"])
+        inputs = model_inputs(batch, torch.device("cpu"), torch.float32)
+        assert torch.equal(inputs["attention_mask"], block_causal_mask(batch["segment_ids"]))
+        out = model(**inputs)
     assert torch.isfinite(out.loss)
