@@ -4,9 +4,11 @@
   baseline the issue's target is stated against (the loader's decode before simplejpeg)
 - raw (simplejpeg): the same images through the loader's own per-image function (`preprocess_hwc`: simplejpeg into
   numpy, Pillow only to resize when the size differs)
-- mmtrain: the full streaming pipeline (tar read + decode + preprocess + template + collate + hand-off + normalize),
-  with the CPU time per sample of the main process and of the worker (on a shared machine the two processes often
-  share one core, so the wall clock shows their sum; the CPU split shows what a free core each would give)
+- mmtrain: the full streaming pipeline (tar read + decode + preprocess + template + collate + hand-off), with the
+  CPU time per sample of the main process and of the worker (on a shared machine the two processes often share one
+  core, so the wall clock shows their sum; the CPU split shows what a free core each would give). Pixels leave the
+  loader as uint8 and the trainer normalizes them on the device (`train.runtime.model_inputs`); what that step costs
+  on the CPU, where there is no accelerator, is printed on its own line
 - llava-style: a map Dataset over a JSON list + an image folder, HF CLIPImageProcessor per image and per-sample
   tokenization with the round-by-round masking of LLaVA's LazySupervisedDataset / preprocess_v1
 and the padding waste (pad tokens / all tokens) of the mmtrain batches padded (batch_size samples) and packed
@@ -33,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmtrain.data.collate import Example, collate, padding_waste  # noqa: E402
-from mmtrain.data.images import ImageConfig, decode_image_pil, preprocess_hwc, resize_image  # noqa: E402
+from mmtrain.data.images import (ImageConfig, decode_image_pil, normalize_pixels, preprocess_hwc,  # noqa: E402
+                                 resize_image)
 from mmtrain.data.plan import load_shards  # noqa: E402
 from mmtrain.data.shardio import ShardReader  # noqa: E402
 from mmtrain.data.stream import LoaderConfig, build_loader  # noqa: E402
@@ -115,6 +118,18 @@ def bench_mmtrain(shards_dir: Path, tok, cfg: ImageConfig, batch_size: int,
     main = (cpu_seconds(resource.RUSAGE_SELF) - main0) / n * 1e3
     worker = (cpu_seconds(resource.RUSAGE_CHILDREN) - workers0) / n * 1e3
     return rate, pad / total, n / steps, main, worker
+
+
+def bench_device_normalize(cfg: ImageConfig, batch_size: int, repeats: int = 20) -> float:
+    """ms per sample of the trainer's normalization (`normalize_pixels`) of a uint8 loader batch on the CPU: the
+    step that left the loader, measured alone (on an accelerator it runs there instead)."""
+    pixels = torch.randint(0, 256, (batch_size, cfg.size, cfg.size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        normalize_pixels(pixels, cfg.mean, cfg.std)
+        best = min(best, time.perf_counter() - t)
+    return best / batch_size * 1e3
 
 
 class LlavaStyle(Dataset):
@@ -237,6 +252,8 @@ def main() -> None:
         print(f"CPU per sample, {name} (least of the runs): main process {main:.3f} ms, worker {worker:.3f} ms "
               f"(raw PIL: {1e3 / raw:.3f} ms per sample); a free core each would give ~{1e3 / max(main, worker):.0f} "
               f"samples/s = {1e3 / max(main, worker) / raw:.2f} x raw PIL")
+    print(f"pixels leave the loader as uint8; the trainer's normalization on the device, measured on this CPU "
+          f"alone: {bench_device_normalize(cfg, args.batch_size):.3f} ms per sample (not in the rows above)")
     print(f"padding waste (pad/all tokens), max_length 1024: padded batch {args.batch_size}: {waste:.1%}, "
           f"batch 32: {waste32:.1%}; packed (token budget) 2 rows: {waste_packed:.1%} ({per_step:.1f} samples/step), "
           f"8 rows: {waste8_packed:.1%} ({per_step8:.1f} samples/step)")
