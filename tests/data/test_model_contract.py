@@ -54,8 +54,8 @@ def test_packed_layerwise_batch_runs_forward(shards):
     tok = tiny_tokenizer()
     config = tiny_config("layerwise", vocab_size=len(tok), image_token_id=image_token_id(tok), layers=2)
     batch = first_batch(shards, 0, pack=True)
-    assert batch["input_ids"].shape[0] == 1 and batch["image_slots"][:, 0].tolist() == [0] * 6
-    assert batch["segment_ids"].max().item() == 6  # six samples in one row; positions shifted by their offsets
+    assert batch["input_ids"].shape[0] == 1 and batch["image_slots"][:, 0].tolist() == [0] * 8
+    assert batch["segment_ids"].max().item() == 8  # eight samples in one row; positions shifted by their offsets
     model = VisionLanguageModel.from_config(config).eval()
     with torch.no_grad():
         inputs = model_inputs(batch, torch.device("cpu"), torch.float32)
