@@ -43,3 +43,21 @@ def test_cli_user_errors(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     shards = write_shard_set(tmp_path / "s", [3])
     assert main(["tokenizer", "train", "--shards", str(shards), "--vocab-size", "10", "--out", "o"]) == 2
+
+
+def test_template_strings_tokenize_compactly(tmp_path):
+    """Every rendered sample starts with the system line: the tokenizer must learn it as words, not characters."""
+    from mmtrain.data.template import TEMPLATES
+    from mmtrain.data.tokenizer import train_tokenizer
+
+    import random
+
+    rng = random.Random(0)  # catalog-like text with more words than merges, so the merges are contested
+    words = ["".join(rng.choice("abcdefghiklmnoprstuy") for _ in range(rng.randint(3, 8))) for _ in range(600)]
+    catalog = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(3000)]
+    tok = AutoTokenizer.from_pretrained(str(train_tokenizer(catalog, 600, tmp_path / "tok")))
+    for name, template in TEMPLATES.items():
+        pieces = tok.encode(template.system, add_special_tokens=False)
+        assert tok.decode(pieces) == template.system
+        words = len(template.system.split())
+        assert len(pieces) <= 1.5 * words, (name, len(pieces), words)  # unweighted: ~3 characters a piece
