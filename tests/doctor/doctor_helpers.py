@@ -15,7 +15,8 @@ def tiny_recipe(data: dict[str, Path]) -> dict[str, Any]:
     """launch/recipes/tiny-cpu.yaml with its data paths and tokenizer pointed at the tiny build."""
     raw = yaml.safe_load((REPO / "launch" / "recipes" / "tiny-cpu.yaml").read_text())
     raw["tokenizer"] = str(data["tokenizer"])
-    kinds = {"shards/built/sample-mm": "mm", "shards/built/sample-mm-qa": "mm", "shards/built/sample-text": "text"}
+    kinds = {"shards/built/sample-mm": "mm", "shards/built/sample-mm-qa": "mm", "shards/built/sample-text": "text",
+             "shards/built/sample-text-qa": "text"}
     for stage in raw["stages"]:
         for source in stage["data"]:
             source["shards"] = str(data[kinds[source["shards"]]])

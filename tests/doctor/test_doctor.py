@@ -39,7 +39,7 @@ def test_good_tiny_recipe_passes(doctor_data, tmp_path):
     assert not failures(list(checks.values())), table
     assert {n for n, c in checks.items() if c.status == "WARN"} == GOOD_WARNS, table
     assert checks["sequence length"].detail.startswith("17 slots per image;")
-    assert "pretrain 112/192" in checks["sequence length"].detail
+    assert "pretrain 57/192" in checks["sequence length"].detail
     assert "8 train shard(s)" in checks["shards"].detail and "ZeRO-3 batch 16" in checks["deepspeed config"].detail
 
 
@@ -128,11 +128,11 @@ def test_matching_part_dirs_pass(doctor_data, tmp_path):
 
 
 def test_max_length_too_small_for_the_slots_fails_the_sequence_length_row(doctor_data, tmp_path, write_recipe):
-    recipe = load_recipe(write_recipe(tiny_recipe(doctor_data)), ["stages.1.max_length=80"])
+    recipe = load_recipe(write_recipe(tiny_recipe(doctor_data)), ["stages.1.max_length=48"])
     checks = {c.name: c for c in run_checks(recipe, 2, tmp_path, "cpu")}
     failed = only_failure(checks)
     assert failed.name == "sequence length"
-    assert "stage 'pretrain', stage 'instruct': max_length 80 <" in failed.detail and "1 × 17 slots" in failed.detail
+    assert "stage 'pretrain', stage 'instruct': max_length 48 <" in failed.detail and "1 × 17 slots" in failed.detail
     assert "stage 'lm'" not in failed.detail.split("every such")[0]
 
 
@@ -158,7 +158,8 @@ def test_cli_in_a_process_exits_2_on_a_fail(doctor_data, tmp_path, write_recipe)
 
 def test_the_shipped_tiny_cpu_recipe_passes_with_its_paths_set(doctor_data, tmp_path, capsys):
     mm, text, tok = doctor_data["mm"], doctor_data["text"], doctor_data["tokenizer"]
-    sets = [f"tokenizer={tok}", f"stages.0.data.0.shards={text}", f"stages.1.data.0.shards={mm}",
+    sets = [f"tokenizer={tok}", f"stages.0.data.0.shards={text}", f"stages.0.data.1.shards={text}",
+            f"stages.1.data.0.shards={mm}",
             f"stages.2.data.0.shards={mm}", f"stages.2.data.1.shards={text}"]
     args = ["doctor", "--recipe", str(REPO / "launch" / "recipes" / "tiny-cpu.yaml"), "--world-size", "2",
             "--out", str(tmp_path), "--device", "cpu"]

@@ -42,7 +42,7 @@ def test_owl_recipe_is_the_paper_schedule() -> None:
 def test_overrides_reach_any_field_and_parse_values(tmp_path: Path) -> None:
     recipe = load_recipe(REPO / "launch" / "recipes" / "tiny-cpu.yaml",
                          ["stages.1.optimizer.lr=3e-5", "stages.0.train.vision=2", "seed=7", "model.connector=mlp"])
-    assert recipe.stages[1].optimizer.lr == 3e-5 and recipe.stages[0].optimizer.lr == 2e-3
+    assert recipe.stages[1].optimizer.lr == 3e-5 and recipe.stages[0].optimizer.lr == 4e-3
     assert recipe.stages[0].train.vision == 2 and recipe.seed == 7 and recipe.model.connector == "mlp"
     with pytest.raises(UserError, match="has no item 5"):
         load_recipe(REPO / "launch" / "recipes" / "tiny-cpu.yaml", ["stages.5.steps=1"])
