@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import array
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ Pixels = torch.Tensor | Sequence[np.ndarray]
 @dataclass
 class Example:
     """One rendered sample with its preprocessed images: `pixel_values` is a tensor [n, 3, H, W] (float, or uint8
-    to be normalized per batch), or, on the loader's fast path, n uint8 arrays [H, W, 3] as decoded (transposed and
-    normalized once per batch); n == len(image_starts)."""
+    the trainer normalizes on the device), or, on the loader's fast path, n uint8 arrays [H, W, 3] as decoded
+    (transposed once per batch); n == len(image_starts)."""
 
     input_ids: list[int]
     labels: list[int]
@@ -52,15 +52,10 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-Normalize = Callable[[torch.Tensor | np.ndarray | Sequence[np.ndarray]], torch.Tensor]
-"""uint8 pixels as decoded ([N, H, W, 3], or N arrays [H, W, 3]) → float [N, 3, H, W] (host-side normalization,
-e.g. `partial(images.normalize_hwc_batch, cfg=...)`)."""
-
-
 def _stack_pixels(examples: Sequence[Example], image_shape: tuple[int, int, int]) -> torch.Tensor | list[np.ndarray]:
     """All images of the batch: one tensor [N, 3, H, W] from tensors; from decoded arrays, the list of uint8
-    [H, W, 3] arrays as they are (the stream copies them once, into a worker's shared ring or straight into the
-    normalized output)."""
+    [H, W, 3] arrays as they are (the stream copies them once, into a worker's shared ring or into the batch's
+    uint8 tensor)."""
     tensors = [ex.pixel_values for ex in examples if ex.pixel_values is not None and len(ex.pixel_values)]
     if not tensors:
         return torch.zeros((0, *image_shape), dtype=torch.uint8)
@@ -109,26 +104,23 @@ def collate_arrays(examples: Sequence[Example], pad_id: int, image_shape: tuple[
             "filler": np.array([ex.filler for ex in examples], dtype=bool), "keys": [ex.key for ex in examples]}
 
 
-def to_torch(batch: dict, normalize: Normalize | None = None) -> dict:
+def to_torch(batch: dict) -> dict:
     """Arrays → tensors (zero-copy). Pixels: uint8 (a stacked tensor [N, 3, H, W], or the decoded [H, W, 3] arrays,
     possibly views into a worker's shared ring) → one uint8 tensor [N, 3, H, W] that owns its memory (the loader's
-    batch contract: the trainer normalizes on the device, `images.normalize_pixels`); with `normalize`, normalized
-    float on the host instead (a uint8 tensor reaches it as an [N, H, W, 3] view). Float pixels pass through."""
+    batch contract: the trainer normalizes on the device, `images.normalize_pixels`). Float pixels pass through."""
     out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
     pixels = batch["pixel_values"]
     if isinstance(pixels, torch.Tensor) and pixels.is_floating_point():
         out["pixel_values"] = pixels.float()
-    elif normalize is not None:
-        out["pixel_values"] = normalize(pixels.permute(0, 2, 3, 1) if isinstance(pixels, torch.Tensor) else pixels)
     elif not isinstance(pixels, torch.Tensor):
         out["pixel_values"] = hwc_to_nchw_uint8(pixels)
     return out
 
 
 def collate(examples: list[Example], pad_id: int, image_shape: tuple[int, int, int],
-            pad_to_multiple: int = 8, normalize: Normalize | None = None) -> dict:
+            pad_to_multiple: int = 8) -> dict:
     """Pad every sample to the longest in the batch, rounded up to `pad_to_multiple`."""
-    return to_torch(collate_arrays(examples, pad_id, image_shape, pad_to_multiple), normalize)
+    return to_torch(collate_arrays(examples, pad_id, image_shape, pad_to_multiple))
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -190,10 +182,10 @@ def pack_arrays(examples: Sequence[Example], pad_id: int, image_shape: tuple[int
 
 
 def pack(examples: list[Example], pad_id: int, image_shape: tuple[int, int, int], max_length: int,
-         pad_to_multiple: int = 8, normalize: Normalize | None = None) -> dict:
+         pad_to_multiple: int = 8) -> dict:
     """Concatenate samples into as few rows of `max_length` as fit; positions restart and attention stays within
     each sample. The first label of every sample is masked so no sample learns from its predecessor's last token."""
-    return to_torch(pack_arrays(examples, pad_id, image_shape, max_length, pad_to_multiple), normalize)
+    return to_torch(pack_arrays(examples, pad_id, image_shape, max_length, pad_to_multiple))
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -65,7 +65,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     """Train a BPE sentencepiece model on `texts` and save it as a HF tokenizer directory at `out_dir`.
 
     The template's fixed strings (system lines, role markers) are added to the training text about as often as they
-    occur in rendered samples, so they tokenize compactly (the owl system line: 30 pieces at 1,000, not 86). BPE training is deterministic: the same text gives the same model. Returns `out_dir`.
+    occur in rendered samples, so they tokenize compactly (the owl system line: 30 pieces at 1,000, not 86). BPE
+    training is deterministic: the same text gives the same model. Returns `out_dir`.
     """
     import sentencepiece as spm
     from transformers import LlamaTokenizer
