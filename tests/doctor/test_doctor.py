@@ -92,7 +92,7 @@ def test_a_deepspeed_micro_batch_disagreeing_with_the_recipe_fails(doctor_data, 
     failed = only_failure(checks_of(raw, tmp_path))
     assert failed.name == "deepspeed config"
     assert "stage 'instruct'" in failed.detail and str(path) in failed.detail
-    assert "train_micro_batch_size_per_gpu is 2 but the recipe gives 8" in failed.detail
+    assert "train_micro_batch_size_per_gpu is 2 but the recipe gives 16" in failed.detail  # instruct inherits pretrain's 16
 
 
 def _part_dirs(tmp_path: Path, llm_hidden: int) -> tuple[Path, Path]:
