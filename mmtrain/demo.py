@@ -37,14 +37,17 @@ def _stage_summary(run: Path) -> list[dict[str, Any]]:
     return out
 
 
-SHARD_SETS: dict[str, tuple[str, tuple[str, ...] | None, int, bool]] = {
-    # recipe name: (folder under DIR/shards, tasks (None: all five), samples per product and task, text-only)
-    "sample-mm": ("multimodal", None, 1, False),
-    "sample-text": ("text-only", None, 1, True),
+SHARD_SETS: dict[str, tuple[str, tuple[str, ...] | None, int, bool, bool]] = {
+    # recipe name: (folder under DIR/shards, tasks (None: all five), samples per product and task, text-only,
+    # val asks every attribute)
+    # the report's set: its val products answer every attribute, so colour QA is scored on all ~290, not the ~1/5
+    # that would draw colour
+    "sample-mm": ("multimodal", None, 1, False, True),
+    "sample-text": ("text-only", None, 1, True, False),
     # the short-answer tasks whose 1–3 answer tokens the full mix drowns among captions: the image-reading signal
-    "sample-mm-qa": ("multimodal-qa", SHORT_ANSWER_TASKS, 2, False),
+    "sample-mm-qa": ("multimodal-qa", SHORT_ANSWER_TASKS, 2, False, False),
     # the same questions about the product's title: what the LLM learns to read before it learns to read photos
-    "sample-text-qa": ("text-only-qa", SHORT_ANSWER_TASKS, 2, True),
+    "sample-text-qa": ("text-only-qa", SHORT_ANSWER_TASKS, 2, True, False),
 }
 """The shard sets the demo builds from the sample catalog, by the name tiny-cpu.yaml gives them."""
 
@@ -74,14 +77,14 @@ def build_inputs(out: Path, catalog: Path) -> tuple[dict[str, Path], Path, dict[
     from mmtrain.data.writer import BuildOptions
 
     timings: dict[str, float] = {}
-    built = {name: out / "shards" / folder for name, (folder, _, _, _) in SHARD_SETS.items()}
-    for name, (folder_name, tasks, per_task, text_only) in SHARD_SETS.items():
+    built = {name: out / "shards" / folder for name, (folder, *_) in SHARD_SETS.items()}
+    for name, (folder_name, tasks, per_task, text_only, every_attribute) in SHARD_SETS.items():
         folder, tick = built[name], time.perf_counter()
         if not (folder / "manifest.json").is_file():
             options = BuildOptions(out=folder, image_size=96, workers=2, shard_size=500, overwrite=True,
                                    val_fraction=VAL_FRACTION)
             summary = build_from_catalog(SPEC, catalog, None, options, tasks=tasks or TASKS, per_task=per_task,
-                                         text_only=text_only)
+                                         text_only=text_only, val_every_attribute=every_attribute)
             print(f"shards ({folder_name}): {summary.manifest['splits']['train']['samples']} train / "
                   f"{summary.manifest['splits']['val']['samples']} val samples → {folder}")
         timings[f"shards_{folder_name}"] = time.perf_counter() - tick

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="catalog tasks to build")
     build.add_argument("--per-task", type=int, default=1, help="samples per product and task")
     build.add_argument("--text-only", action="store_true", help="text-only variants: the product's text, no image")
+    build.add_argument("--val-every-attribute", action="store_true",
+                       help="val products ask every attribute (attribute QA), so each attribute is scored on all")
     build.add_argument("--val-fraction", type=float, default=0.05, help="share of products in the val split")
     build.add_argument("--seed", type=int, default=0, help="phrasing seed (same seed → byte-identical shards)")
     build.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -72,12 +74,14 @@ def run_build(args: argparse.Namespace) -> int:
     if args.format:
         if not args.input or args.spec or args.catalog:
             raise UserError("--format needs --input (and takes no --spec / --catalog)")
+        if args.val_every_attribute:
+            raise UserError("--val-every-attribute is for catalogs (their attribute QA); --format data has none")
         summary = build_from_format(args.format, args.input, args.images, options)
     else:
         if not (args.spec and args.catalog):
             raise UserError("give --spec and --catalog, or --format and --input")
         summary = build_from_catalog(args.spec, args.catalog, args.images, options, args.tasks, args.per_task,
-                                     args.text_only)
+                                     args.text_only, args.val_every_attribute)
     print_manifest(summary.manifest)
     if summary.rejects:
         print(f"rejected {sum(summary.rejects.values())} of {summary.rows} rows: "

@@ -10,7 +10,7 @@ from mmtrain.data.catalog import CatalogSpec, Product, read_catalog
 from mmtrain.data.formats import read_format
 from mmtrain.data.records import Reject, WorkItem
 from mmtrain.data.tasks import TASKS, product_samples
-from mmtrain.data.writer import BuildOptions, BuildSummary, build_shards
+from mmtrain.data.writer import BuildOptions, BuildSummary, build_shards, split_of
 from mmtrain.errors import UserError
 
 
@@ -26,9 +26,13 @@ class ProductItems:
     per_task: int
     seed: int
     text_only: bool
+    val_every_attribute: bool = False
+    """Products on the val side ask every attribute (`product_samples(every_attribute=True)`); needs val_fraction."""
+    val_fraction: float = 0.0
 
     def __call__(self, product: Product) -> WorkItem:
-        samples = tuple(product_samples(product, self.tasks, self.per_task, self.seed, self.text_only))
+        every = self.val_every_attribute and split_of(product.product_id, self.val_fraction) == "val"
+        samples = tuple(product_samples(product, self.tasks, self.per_task, self.seed, self.text_only, every))
         images_of_item = () if self.text_only else product.image_paths
         return WorkItem(product.product_id, images_of_item, samples, product.row, self.catalog)
 
@@ -51,7 +55,9 @@ def _count_rows(path: Path) -> int | None:
 
 def build_from_catalog(spec_path: str | Path, catalog: str | Path, images: str | Path | None,
                        options: BuildOptions, tasks: Sequence[str] = TASKS, per_task: int = 1,
-                       text_only: bool = False) -> BuildSummary:
+                       text_only: bool = False, val_every_attribute: bool = False) -> BuildSummary:
+    """Catalog → shards. `val_every_attribute`: the val split asks every attribute of each product (attribute QA),
+    the train split stays as drawn, byte for byte."""
     spec = CatalogSpec.from_yaml(spec_path)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -59,9 +65,11 @@ def build_from_catalog(spec_path: str | Path, catalog: str | Path, images: str |
     if per_task < 1:
         raise UserError("--per-task must be ≥ 1")
     products = read_catalog(catalog, spec, images, need_images=not text_only)
-    to_item = ProductItems(str(catalog), tuple(tasks), per_task, options.seed, text_only)
+    to_item = ProductItems(str(catalog), tuple(tasks), per_task, options.seed, text_only, val_every_attribute,
+                           options.val_fraction)
     meta = {"source": {"kind": "catalog", "catalog": str(catalog), "images": str(images) if images else None,
-                       "spec": spec.to_json(), "tasks": list(tasks), "per_task": per_task, "text_only": text_only}}
+                       "spec": spec.to_json(), "tasks": list(tasks), "per_task": per_task, "text_only": text_only,
+                       "val_every_attribute": val_every_attribute}}
     return build_shards(products, options, meta, total=_count_rows(Path(catalog)) if spec.format == "csv" else None,
                         expand=to_item)
 

@@ -28,7 +28,9 @@ from mmtrain.errors import UserError
 MODES = ("link", "copy")
 # Manifest fields every part must share: they decide the split, the samples' text and the images' size.
 MUST_AGREE = ("format", "version", "seed", "val_fraction", "image_size")
-SOURCE_MUST_AGREE = ("kind", "spec", "tasks", "per_task", "text_only", "format")
+SOURCE_MUST_AGREE = ("kind", "spec", "tasks", "per_task", "text_only", "format", "val_every_attribute")
+SOURCE_DEFAULTS = {"val_every_attribute": False}
+"""Source fields newer than some manifests: absent reads as this value."""
 
 
 def shard_keys(path: Path) -> list[str]:
@@ -56,7 +58,8 @@ def _check_compatible(parts: Sequence[Path], manifests: Sequence[dict[str, Any]]
                                 "only parts built with the same options can be merged")
         source, first_source = manifest.get("source") or {}, first.get("source") or {}
         for name in SOURCE_MUST_AGREE:
-            if source.get(name) != first_source.get(name):
+            default = SOURCE_DEFAULTS.get(name)
+            if source.get(name, default) != first_source.get(name, default):
                 raise UserError(f"{part}: source {name} differs from {parts[0]}'s; only parts of one catalog built "
                                 "with the same spec and tasks can be merged")
 

@@ -191,11 +191,23 @@ def _user_turn(product: Product, task: str, prompt: str, text_only: bool) -> str
     return TEXT_CONTEXT.format(title=product.title) + "\n" + prompt
 
 
+def _every_attribute_qa(product: Product, rng: Draws) -> list[tuple[str, str, str]]:
+    """One question per attribute (names in sorted order, a phrasing drawn for each): the evaluation form."""
+    out = []
+    for name in sorted(product.attributes):
+        idx = rng.randrange(len(ATTRIBUTE_QA_PROMPTS))
+        out.append((f"{name}-{idx}", ATTRIBUTE_QA_PROMPTS[idx].format(name=name), product.attributes[name]))
+    return out
+
+
 def product_samples(product: Product, tasks: Sequence[str] = TASKS, per_task: int = 1, seed: int = 0,
-                    text_only: bool = False) -> list[Sample]:
+                    text_only: bool = False, every_attribute: bool = False) -> list[Sample]:
     """All samples of one product: `per_task` conversations for each task that the product's fields can answer.
 
     A task whose fields the product lacks (no category, no attributes) yields nothing for it rather than a wrong answer.
+    `every_attribute`: attribute QA asks each of the product's attributes once (per_task does not apply to it) instead
+    of drawing one per sample, so a validation split scores every attribute on every product (the builder's
+    `--val-every-attribute`): with one drawn attribute of five, a per-attribute score rests on a fifth of the products.
     """
     unknown = [t for t in tasks if t not in TASK_BUILDERS]
     if unknown:
@@ -205,8 +217,12 @@ def product_samples(product: Product, tasks: Sequence[str] = TASKS, per_task: in
     variant = "txt" if text_only else "img"
     for task in tasks:
         rng = product_rng(seed, product.product_id, task)
-        for n in range(per_task):
-            built = TASK_BUILDERS[task](product, rng, text_only)
+        drawn: list[tuple[str, str, str] | None]
+        if every_attribute and task == "attribute_qa":
+            drawn = list(_every_attribute_qa(product, rng))
+        else:
+            drawn = [TASK_BUILDERS[task](product, rng, text_only) for _ in range(per_task)]
+        for n, built in enumerate(drawn):
             if built is None:
                 break
             phrasing, prompt, answer = built

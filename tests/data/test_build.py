@@ -204,3 +204,28 @@ def test_text_only_variant_needs_no_images(tmp_path: Path, real_catalog: Path, f
     raw = next(iter(wds.WebDataset(str(tmp_path / "txt" / splits["train"]["shards"][0]["name"]),
                                    shardshuffle=False)))
     assert "<image>" not in raw["json"].decode() and not any(k.endswith(".jpg") for k in raw)
+
+
+def test_val_every_attribute_asks_every_attribute_in_val_and_leaves_train_byte_identical(
+        tmp_path: Path, real_catalog: Path, fashion_spec: Path, capsys) -> None:
+    catalog = _subset(real_catalog, tmp_path / "cat", 40)
+    _build(fashion_spec, catalog, tmp_path / "drawn", val_fraction=0.3, tasks="attribute_qa")
+    _build(fashion_spec, catalog, tmp_path / "every", val_fraction=0.3, tasks="attribute_qa", val_every_attribute=True)
+    drawn, every = read_manifest(tmp_path / "drawn"), read_manifest(tmp_path / "every")
+    assert every["source"]["val_every_attribute"] is True and drawn["source"]["val_every_attribute"] is False
+    assert drawn["splits"]["train"] == every["splits"]["train"]
+    for shard in drawn["splits"]["train"]["shards"]:
+        assert (tmp_path / "drawn" / shard["name"]).read_bytes() == (tmp_path / "every" / shard["name"]).read_bytes()
+    val = every["splits"]["val"]
+    asked: Counter = Counter()
+    for shard in val["shards"]:
+        for raw in wds.WebDataset(str(tmp_path / "every" / shard["name"]), shardshuffle=False):
+            record = json.loads(raw["json"])
+            asked[record["product_id"]] += 1
+    assert len(asked) == val["products"] == drawn["splits"]["val"]["products"] > 0
+    assert set(asked.values()) == {5}  # gender, colour, season, year, usage: every product of this catalog has all five
+    assert val["samples"] == 5 * val["products"] == 5 * drawn["splits"]["val"]["samples"]
+    capsys.readouterr()
+    assert main(["shards", "build", "--format", "llava", "--input", str(tmp_path / "x.json"), "--out",
+                 str(tmp_path / "x"), "--val-every-attribute"]) != 0
+    assert "--val-every-attribute is for catalogs" in capsys.readouterr().err

@@ -133,3 +133,19 @@ def test_incompatible_parts_and_existing_out_are_refused(built, tmp_path: Path) 
     (broken / name).unlink()
     with pytest.raises(UserError, match=f"names {name}, which is not there"):
         merge_shard_sets([parts[0], broken], tmp_path / "out2")
+
+
+def test_val_every_attribute_must_agree_and_reads_as_off_when_absent(built, tmp_path: Path) -> None:
+    parts = built["parts"]
+    older, other = tmp_path / "older", tmp_path / "other"
+    for copy, edit in ((older, lambda src: src.pop("val_every_attribute")),
+                       (other, lambda src: src.update(val_every_attribute=True))):
+        shutil.copytree(parts[1], copy)
+        manifest = read_manifest(copy)
+        assert manifest["source"]["val_every_attribute"] is False
+        edit(manifest["source"])
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    merge_shard_sets([parts[0], older, parts[2]], tmp_path / "merged")  # a manifest from before the option: off
+    assert read_manifest(tmp_path / "merged")["rows"] == ROWS
+    with pytest.raises(UserError, match="val_every_attribute differs"):
+        merge_shard_sets([parts[0], other, parts[2]], tmp_path / "refused")

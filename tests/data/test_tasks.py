@@ -59,3 +59,16 @@ def test_products_without_fields_skip_only_those_tasks() -> None:
     assert samples[0].conversation[0]["content"].startswith("<image>\n<image>\n") and samples[0].num_images == 2
     assert "." not in samples[0].key and "/" not in samples[0].key
     assert safe_key_part("x/1.2") != safe_key_part("x_1_2")
+
+
+def test_every_attribute_asks_each_attribute_once_and_leaves_the_other_tasks_alone() -> None:
+    every = product_samples(SHIRT, per_task=3, seed=0, every_attribute=True)
+    drawn = product_samples(SHIRT, per_task=3, seed=0)
+    qa = [s for s in every if s.task == "attribute_qa"]
+    assert [s.conversation[1]["content"] for s in qa] == ["Navy Blue", "Men", "Fall", "Casual", "2011"]  # sorted names
+    for s, name in zip(qa, ("colour", "gender", "season", "usage", "year")):
+        assert f" {name}" in s.conversation[0]["content"] and f"_{name}-" in s.key
+    assert len({s.key for s in every}) == len(every) == 4 * 3 + 5  # per_task does not apply to attribute QA
+    assert [s for s in every if s.task != "attribute_qa"] == [s for s in drawn if s.task != "attribute_qa"]
+    assert product_samples(Product("b", "Mug", "", (), {}, (Path("a.jpg"),), 1), every_attribute=True)[0].task \
+        == "caption"  # no attributes: no attribute QA, as without the option
