@@ -158,8 +158,8 @@ def evaluate_demo(model_dir: Path, shards: Path, out: Path) -> dict[str, Any]:
 
     loaded = load_model(model_dir)
     predictions: list[dict[str, Any]] = []
-    model = evaluate(loaded, shards, split="val", batch_size=32, max_new_tokens=48, predictions=predictions)
-    blank = evaluate(loaded, shards, split="val", batch_size=32, max_new_tokens=48, blank_images=True)
+    model = evaluate(loaded, shards, split="val", batch_size=64, max_new_tokens=48, predictions=predictions)
+    blank = evaluate(loaded, shards, split="val", batch_size=64, max_new_tokens=48, blank_images=True)
     baseline = majority_baseline(shards, split="val")
     write_results(out / "metrics.json", {"model": model, "blank_images": blank, "majority": baseline}, predictions)
     print(format_table(model, baseline, blank))

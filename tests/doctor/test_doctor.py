@@ -160,7 +160,7 @@ def test_the_shipped_tiny_cpu_recipe_passes_with_its_paths_set(doctor_data, tmp_
     mm, text, tok = doctor_data["mm"], doctor_data["text"], doctor_data["tokenizer"]
     sets = [f"tokenizer={tok}", f"stages.0.data.0.shards={text}", f"stages.0.data.1.shards={text}",
             f"stages.1.data.0.shards={mm}",
-            f"stages.2.data.0.shards={mm}", f"stages.2.data.1.shards={text}"]
+            f"stages.2.data.0.shards={mm}", f"stages.2.data.1.shards={mm}", f"stages.2.data.2.shards={text}"]
     args = ["doctor", "--recipe", str(REPO / "launch" / "recipes" / "tiny-cpu.yaml"), "--world-size", "2",
             "--out", str(tmp_path), "--device", "cpu"]
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
