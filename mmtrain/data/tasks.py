@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from mmtrain.data.catalog import Product
 from mmtrain.data.records import Sample
@@ -217,11 +217,11 @@ def product_samples(product: Product, tasks: Sequence[str] = TASKS, per_task: in
     variant = "txt" if text_only else "img"
     for task in tasks:
         rng = product_rng(seed, product.product_id, task)
-        drawn: list[tuple[str, str, str] | None]
+        drawn: Iterable[tuple[str, str, str] | None]
         if every_attribute and task == "attribute_qa":
-            drawn = list(_every_attribute_qa(product, rng))
-        else:
-            drawn = [TASK_BUILDERS[task](product, rng, text_only) for _ in range(per_task)]
+            drawn = _every_attribute_qa(product, rng)
+        else:  # lazily, as before: the first None (a field the product lacks) ends the task's draws
+            drawn = (TASK_BUILDERS[task](product, rng, text_only) for _ in range(per_task))
         for n, built in enumerate(drawn):
             if built is None:
                 break
