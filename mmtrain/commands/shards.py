@@ -14,6 +14,23 @@ from mmtrain.data.tasks import TASKS
 from mmtrain.errors import UserError
 
 
+def parse_attribute_weights(items: list[str]) -> dict[str, float]:
+    """`NAME=WEIGHT` command-line items → {name: weight}; a malformed item or a repeated name is the user's to fix."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or not name or weight is None:
+            raise UserError(f"--attribute-weight {item!r}: expected NAME=WEIGHT, e.g. colour=4")
+        if name in out:
+            raise UserError(f"--attribute-weight: {name!r} given twice")
+        out[name] = weight
+    return out
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     shards = subparsers.add_parser("shards", help="build and inspect WebDataset shards")
     sub = shards.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
@@ -31,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--text-only", action="store_true", help="text-only variants: the product's text, no image")
     build.add_argument("--val-every-attribute", action="store_true",
                        help="val products ask every attribute (attribute QA), so each attribute is scored on all")
+    build.add_argument("--attribute-weight", action="append", default=[], metavar="NAME=WEIGHT",
+                       help="attribute QA asks NAME with this weight (others 1), e.g. colour=4: colour half the time "
+                            "among five attributes; repeatable")
     build.add_argument("--val-fraction", type=float, default=0.05, help="share of products in the val split")
     build.add_argument("--seed", type=int, default=0, help="phrasing seed (same seed → byte-identical shards)")
     build.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -74,14 +94,16 @@ def run_build(args: argparse.Namespace) -> int:
     if args.format:
         if not args.input or args.spec or args.catalog:
             raise UserError("--format needs --input (and takes no --spec / --catalog)")
-        if args.val_every_attribute:
-            raise UserError("--val-every-attribute is for catalogs (their attribute QA); --format data has none")
+        if args.val_every_attribute or args.attribute_weight:
+            raise UserError("--val-every-attribute and --attribute-weight are for catalogs (their attribute QA); "
+                            "--format data has none")
         summary = build_from_format(args.format, args.input, args.images, options)
     else:
         if not (args.spec and args.catalog):
             raise UserError("give --spec and --catalog, or --format and --input")
         summary = build_from_catalog(args.spec, args.catalog, args.images, options, args.tasks, args.per_task,
-                                     args.text_only, args.val_every_attribute)
+                                     args.text_only, args.val_every_attribute,
+                                     parse_attribute_weights(args.attribute_weight))
     print_manifest(summary.manifest)
     if summary.rejects:
         print(f"rejected {sum(summary.rejects.values())} of {summary.rows} rows: "

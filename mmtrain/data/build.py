@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+import math
+from typing import Iterator, Mapping, Sequence
 
 from mmtrain.data.catalog import CatalogSpec, Product, read_catalog
 from mmtrain.data.formats import read_format
@@ -29,10 +30,13 @@ class ProductItems:
     val_every_attribute: bool = False
     """Products on the val side ask every attribute (`product_samples(every_attribute=True)`); needs val_fraction."""
     val_fraction: float = 0.0
+    attribute_weights: tuple[tuple[str, float], ...] = ()
+    """(name, weight) pairs for attribute QA's draw (`product_samples(attribute_weights=...)`); () draws uniformly."""
 
     def __call__(self, product: Product) -> WorkItem:
         every = self.val_every_attribute and split_of(product.product_id, self.val_fraction) == "val"
-        samples = tuple(product_samples(product, self.tasks, self.per_task, self.seed, self.text_only, every))
+        samples = tuple(product_samples(product, self.tasks, self.per_task, self.seed, self.text_only, every,
+                                        dict(self.attribute_weights)))
         images_of_item = () if self.text_only else product.image_paths
         return WorkItem(product.product_id, images_of_item, samples, product.row, self.catalog)
 
@@ -53,12 +57,33 @@ def _count_rows(path: Path) -> int | None:
         return None
 
 
+def check_attribute_weights(weights: Mapping[str, float], spec: CatalogSpec) -> dict[str, float]:
+    """The weights sorted by name, each a finite number > 0 naming one of the spec's attributes (by display name,
+    after `names`; a spec whose attributes come from one JSON `field` has no fixed names to check against)."""
+    known = None
+    if "columns" in spec.attributes:
+        renames = spec.attributes.get("names") or {}
+        known = [renames.get(c, c) for c in spec.attributes["columns"]]
+    out = {}
+    for name, weight in sorted(weights.items()):
+        if known is not None and name not in known:
+            raise UserError(f"attribute weight for {name!r}: catalog spec {spec.name!r} has no such attribute "
+                            f"(its attributes: {', '.join(known)})")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise UserError(f"attribute weight for {name!r} must be a number > 0, got {weight!r}")
+        out[name] = float(weight)
+    return out
+
+
 def build_from_catalog(spec_path: str | Path, catalog: str | Path, images: str | Path | None,
                        options: BuildOptions, tasks: Sequence[str] = TASKS, per_task: int = 1,
-                       text_only: bool = False, val_every_attribute: bool = False) -> BuildSummary:
+                       text_only: bool = False, val_every_attribute: bool = False,
+                       attribute_weights: Mapping[str, float] | None = None) -> BuildSummary:
     """Catalog → shards. `val_every_attribute`: the val split asks every attribute of each product (attribute QA),
-    the train split stays as drawn, byte for byte."""
+    the train split stays as drawn, byte for byte. `attribute_weights`: attribute QA draws its attribute with these
+    weights (name → weight, 1 for the rest) instead of uniformly, e.g. to ask more often what the photo shows."""
     spec = CatalogSpec.from_yaml(spec_path)
+    weights = check_attribute_weights(attribute_weights or {}, spec)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserError(f"unknown tasks {unknown}; known: {list(TASKS)}")
@@ -66,10 +91,10 @@ def build_from_catalog(spec_path: str | Path, catalog: str | Path, images: str |
         raise UserError("--per-task must be ≥ 1")
     products = read_catalog(catalog, spec, images, need_images=not text_only)
     to_item = ProductItems(str(catalog), tuple(tasks), per_task, options.seed, text_only, val_every_attribute,
-                           options.val_fraction)
+                           options.val_fraction, tuple(weights.items()))
     meta = {"source": {"kind": "catalog", "catalog": str(catalog), "images": str(images) if images else None,
                        "spec": spec.to_json(), "tasks": list(tasks), "per_task": per_task, "text_only": text_only,
-                       "val_every_attribute": val_every_attribute}}
+                       "val_every_attribute": val_every_attribute, "attribute_weights": weights}}
     return build_shards(products, options, meta, total=_count_rows(Path(catalog)) if spec.format == "csv" else None,
                         expand=to_item)
 

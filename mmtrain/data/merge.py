@@ -28,8 +28,9 @@ from mmtrain.errors import UserError
 MODES = ("link", "copy")
 # Manifest fields every part must share: they decide the split, the samples' text and the images' size.
 MUST_AGREE = ("format", "version", "seed", "val_fraction", "image_size")
-SOURCE_MUST_AGREE = ("kind", "spec", "tasks", "per_task", "text_only", "format", "val_every_attribute")
-SOURCE_DEFAULTS = {"val_every_attribute": False}
+SOURCE_MUST_AGREE = ("kind", "spec", "tasks", "per_task", "text_only", "format", "val_every_attribute",
+                     "attribute_weights")
+SOURCE_DEFAULTS: dict[str, Any] = {"val_every_attribute": False, "attribute_weights": {}}
 """Source fields newer than some manifests: absent reads as this value."""
 
 

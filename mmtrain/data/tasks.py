@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 from mmtrain.data.catalog import Product
 from mmtrain.data.records import Sample
@@ -113,6 +113,15 @@ class Draws:
     def choice(self, items: Sequence[T]) -> T:
         return items[self.randrange(len(items))]
 
+    def weighted_choice(self, items: Sequence[T], weights: Sequence[float]) -> T:
+        """One of `items`, item i with probability weights[i] / sum(weights) (all weights > 0)."""
+        point = self.randrange(1 << 53) / (1 << 53) * sum(weights)
+        for item, weight in zip(items, weights):
+            point -= weight
+            if point < 0:
+                return item
+        return items[-1]  # rounding at the very top of the range
+
 
 def product_rng(seed: int, product_id: str, task: str) -> Draws:
     return Draws(seed, product_id, task)
@@ -162,6 +171,17 @@ def _attribute_qa(product: Product, rng: Draws, text_only: bool) -> tuple[str, s
     return f"{name}-{idx}", ATTRIBUTE_QA_PROMPTS[idx].format(name=name), product.attributes[name]
 
 
+def _weighted_attribute_qa(product: Product, rng: Draws,
+                            weights: Mapping[str, float]) -> tuple[str, str, str] | None:
+    """Attribute QA whose attribute is drawn with `weights` by name (1 for names not given), not uniformly."""
+    if not product.attributes:
+        return None
+    names = sorted(product.attributes)
+    name = rng.weighted_choice(names, [weights.get(n, 1.0) for n in names])
+    idx = rng.randrange(len(ATTRIBUTE_QA_PROMPTS))
+    return f"{name}-{idx}", ATTRIBUTE_QA_PROMPTS[idx].format(name=name), product.attributes[name]
+
+
 def _freeform(product: Product, rng: Draws, text_only: bool) -> tuple[str, str, str] | None:
     values = dict(product.attributes)
     if product.category:
@@ -201,13 +221,17 @@ def _every_attribute_qa(product: Product, rng: Draws) -> list[tuple[str, str, st
 
 
 def product_samples(product: Product, tasks: Sequence[str] = TASKS, per_task: int = 1, seed: int = 0,
-                    text_only: bool = False, every_attribute: bool = False) -> list[Sample]:
+                    text_only: bool = False, every_attribute: bool = False,
+                    attribute_weights: Mapping[str, float] | None = None) -> list[Sample]:
     """All samples of one product: `per_task` conversations for each task that the product's fields can answer.
 
     A task whose fields the product lacks (no category, no attributes) yields nothing for it rather than a wrong answer.
     `every_attribute`: attribute QA asks each of the product's attributes once (per_task does not apply to it) instead
     of drawing one per sample, so a validation split scores every attribute on every product (the builder's
     `--val-every-attribute`): with one drawn attribute of five, a per-attribute score rests on a fifth of the products.
+    `attribute_weights` (attribute name → weight, 1 for names not given): attribute QA draws its attribute with these
+    weights instead of uniformly, e.g. {"colour": 4} asks colour half the time among five attributes. Empty or None
+    draws exactly as before (byte-identical shards).
     """
     unknown = [t for t in tasks if t not in TASK_BUILDERS]
     if unknown:
@@ -220,6 +244,8 @@ def product_samples(product: Product, tasks: Sequence[str] = TASKS, per_task: in
         drawn: Iterable[tuple[str, str, str] | None]
         if every_attribute and task == "attribute_qa":
             drawn = _every_attribute_qa(product, rng)
+        elif attribute_weights and task == "attribute_qa":
+            drawn = (_weighted_attribute_qa(product, rng, attribute_weights) for _ in range(per_task))
         else:  # lazily, as before: the first None (a field the product lacks) ends the task's draws
             drawn = (TASK_BUILDERS[task](product, rng, text_only) for _ in range(per_task))
         for n, built in enumerate(drawn):

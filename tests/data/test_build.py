@@ -228,4 +228,34 @@ def test_val_every_attribute_asks_every_attribute_in_val_and_leaves_train_byte_i
     capsys.readouterr()
     assert main(["shards", "build", "--format", "llava", "--input", str(tmp_path / "x.json"), "--out",
                  str(tmp_path / "x"), "--val-every-attribute"]) != 0
-    assert "--val-every-attribute is for catalogs" in capsys.readouterr().err
+    assert "--val-every-attribute and --attribute-weight are for catalogs" in capsys.readouterr().err
+
+
+def test_attribute_weights_skew_attribute_qa_are_recorded_and_bad_ones_stop_before_writing(
+        tmp_path: Path, real_catalog: Path, fashion_spec: Path, capsys) -> None:
+    catalog = _subset(real_catalog, tmp_path / "cat", 40)
+    _build(fashion_spec, catalog, tmp_path / "w", val_fraction=0.0, tasks="attribute_qa", per_task=5,
+           attribute_weight="colour=12")
+    manifest = read_manifest(tmp_path / "w")
+    assert manifest["source"]["attribute_weights"] == {"colour": 12.0}
+    asked: Counter = Counter()
+    for shard in manifest["splits"]["train"]["shards"]:
+        for raw in wds.WebDataset(str(tmp_path / "w" / shard["name"]), shardshuffle=False):
+            asked[raw["__key__"].split("_attribute_qa_")[1].split("_", 1)[1].split("-")[0]] += 1
+    assert sum(asked.values()) == 200
+    assert abs(asked["colour"] / 200 - 0.75) < 0.1  # 12 / (12 + 4): 0.75 ± 3.3 standard errors
+    _build(fashion_spec, catalog, tmp_path / "plain", val_fraction=0.0, tasks="attribute_qa")
+    assert read_manifest(tmp_path / "plain")["source"]["attribute_weights"] == {}
+
+    base = ["shards", "build", "--spec", str(fashion_spec), "--catalog", str(catalog / "styles.csv"),
+            "--no-progress", "--out"]
+    for weight, message in (("color=4", "has no such attribute (its attributes: gender, colour, season, year, usage)"),
+                            ("colour=0", "must be a number > 0"), ("colour=nan", "must be a number > 0"),
+                            ("colour", "expected NAME=WEIGHT")):
+        capsys.readouterr()
+        out = tmp_path / f"bad-{weight}"
+        assert main(base + [str(out), "--attribute-weight", weight]) != 0
+        assert message in capsys.readouterr().err and not out.exists()
+    assert main(base + [str(tmp_path / "twice"), "--attribute-weight", "colour=2", "--attribute-weight",
+                        "colour=3"]) != 0
+    assert "'colour' given twice" in capsys.readouterr().err

@@ -149,3 +149,19 @@ def test_val_every_attribute_must_agree_and_reads_as_off_when_absent(built, tmp_
     assert read_manifest(tmp_path / "merged")["rows"] == ROWS
     with pytest.raises(UserError, match="val_every_attribute differs"):
         merge_shard_sets([parts[0], other, parts[2]], tmp_path / "refused")
+
+
+def test_attribute_weights_must_agree_and_read_as_none_when_absent(built, tmp_path: Path) -> None:
+    parts = built["parts"]
+    older, other = tmp_path / "older", tmp_path / "other"
+    for copy, edit in ((older, lambda src: src.pop("attribute_weights")),
+                       (other, lambda src: src.update(attribute_weights={"colour": 4.0}))):
+        shutil.copytree(parts[1], copy)
+        manifest = read_manifest(copy)
+        assert manifest["source"]["attribute_weights"] == {}
+        edit(manifest["source"])
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    merge_shard_sets([parts[0], older, parts[2]], tmp_path / "merged")  # a manifest from before the option: none
+    assert read_manifest(tmp_path / "merged")["rows"] == ROWS
+    with pytest.raises(UserError, match="attribute_weights differs"):
+        merge_shard_sets([parts[0], other, parts[2]], tmp_path / "refused")

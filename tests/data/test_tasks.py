@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mmtrain.data.catalog import Product
 from mmtrain.data.tasks import (ATTRIBUTE_PROMPTS, ATTRIBUTE_QA_PROMPTS, CAPTION_PROMPTS, CATEGORY_PROMPTS,
-                                FREEFORM_QA, TASKS, product_samples, safe_key_part)
+                                FREEFORM_QA, TASKS, Draws, product_samples, safe_key_part)
 
 SHIRT = Product("15970", "Turtle Check Men Navy Blue Shirt", "", ("Apparel", "Topwear", "Shirts"),
                 {"gender": "Men", "colour": "Navy Blue", "season": "Fall", "year": "2011", "usage": "Casual"},
@@ -72,3 +72,33 @@ def test_every_attribute_asks_each_attribute_once_and_leaves_the_other_tasks_alo
     assert [s for s in every if s.task != "attribute_qa"] == [s for s in drawn if s.task != "attribute_qa"]
     assert product_samples(Product("b", "Mug", "", (), {}, (Path("a.jpg"),), 1), every_attribute=True)[0].task \
         == "caption"  # no attributes: no attribute QA, as without the option
+
+
+def test_attribute_weights_skew_the_drawn_attribute_and_leave_the_other_tasks_alone() -> None:
+    from collections import Counter
+
+    draws = Draws(0, "p", "t")
+    picks = Counter(draws.weighted_choice("ab", [3.0, 1.0]) for _ in range(4000))
+    assert abs(picks["a"] / 4000 - 0.75) < 0.03  # 0.75 ± 4.4 standard errors
+    assert {Draws(0, "p", "t").weighted_choice("ab", [1.0, 1e-12]) for _ in range(50)} == {"a"}
+
+    asked: Counter = Counter()
+    for pid in range(400):
+        product = Product(str(pid), SHIRT.title, "", SHIRT.category, SHIRT.attributes, SHIRT.image_paths, 1)
+        weighted = product_samples(product, per_task=2, seed=0, attribute_weights={"colour": 4})
+        plain = product_samples(product, per_task=2, seed=0)
+        asked.update(s.key.split("_attribute_qa_")[1].split("_", 1)[1].split("-")[0]
+                     for s in weighted if s.task == "attribute_qa")
+        assert [s for s in weighted if s.task != "attribute_qa"] == [s for s in plain if s.task != "attribute_qa"]
+        for s in weighted:
+            if s.task == "attribute_qa":  # the answer is still the asked attribute's value
+                name = s.key.split("_attribute_qa_")[1].split("_", 1)[1].split("-")[0]
+                assert s.conversation[1]["content"] == SHIRT.attributes[name] and name in s.conversation[0]["content"]
+    assert sum(asked.values()) == 800
+    assert abs(asked["colour"] / 800 - 0.5) < 0.06  # weight 4 against four names of weight 1: half the questions
+    assert all(abs(asked[n] / 800 - 0.125) < 0.05 for n in ("gender", "season", "usage", "year"))
+    # no weights (None or {}) draws exactly as before
+    assert product_samples(SHIRT, per_task=3, attribute_weights={}) == product_samples(SHIRT, per_task=3)
+    # a weight for a name the product lacks changes nothing about which of its own names it can ask
+    only = product_samples(SHIRT, tasks=("attribute_qa",), per_task=20, attribute_weights={"material": 100})
+    assert {s.conversation[1]["content"] for s in only} <= set(SHIRT.attributes.values())
