@@ -135,33 +135,19 @@ def test_incompatible_parts_and_existing_out_are_refused(built, tmp_path: Path) 
         merge_shard_sets([parts[0], broken], tmp_path / "out2")
 
 
-def test_val_every_attribute_must_agree_and_reads_as_off_when_absent(built, tmp_path: Path) -> None:
+@pytest.mark.parametrize("field, default, other", [("val_every_attribute", False, True),
+                                                   ("attribute_weights", {}, {"colour": 4.0})])
+def test_newer_source_options_must_agree_and_read_as_their_default_when_absent(built, tmp_path: Path, field: str,
+                                                                             default, other) -> None:
     parts = built["parts"]
-    older, other = tmp_path / "older", tmp_path / "other"
-    for copy, edit in ((older, lambda src: src.pop("val_every_attribute")),
-                       (other, lambda src: src.update(val_every_attribute=True))):
+    older, differing = tmp_path / "older", tmp_path / "other"
+    for copy, edit in ((older, lambda src: src.pop(field)), (differing, lambda src: src.update({field: other}))):
         shutil.copytree(parts[1], copy)
         manifest = read_manifest(copy)
-        assert manifest["source"]["val_every_attribute"] is False
+        assert manifest["source"][field] == default
         edit(manifest["source"])
         (copy / "manifest.json").write_text(json.dumps(manifest))
-    merge_shard_sets([parts[0], older, parts[2]], tmp_path / "merged")  # a manifest from before the option: off
+    merge_shard_sets([parts[0], older, parts[2]], tmp_path / "merged")  # a manifest from before the option
     assert read_manifest(tmp_path / "merged")["rows"] == ROWS
-    with pytest.raises(UserError, match="val_every_attribute differs"):
-        merge_shard_sets([parts[0], other, parts[2]], tmp_path / "refused")
-
-
-def test_attribute_weights_must_agree_and_read_as_none_when_absent(built, tmp_path: Path) -> None:
-    parts = built["parts"]
-    older, other = tmp_path / "older", tmp_path / "other"
-    for copy, edit in ((older, lambda src: src.pop("attribute_weights")),
-                       (other, lambda src: src.update(attribute_weights={"colour": 4.0}))):
-        shutil.copytree(parts[1], copy)
-        manifest = read_manifest(copy)
-        assert manifest["source"]["attribute_weights"] == {}
-        edit(manifest["source"])
-        (copy / "manifest.json").write_text(json.dumps(manifest))
-    merge_shard_sets([parts[0], older, parts[2]], tmp_path / "merged")  # a manifest from before the option: none
-    assert read_manifest(tmp_path / "merged")["rows"] == ROWS
-    with pytest.raises(UserError, match="attribute_weights differs"):
-        merge_shard_sets([parts[0], other, parts[2]], tmp_path / "refused")
+    with pytest.raises(UserError, match=f"{field} differs"):
+        merge_shard_sets([parts[0], differing, parts[2]], tmp_path / "refused")
