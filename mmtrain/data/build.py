@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-import math
 from typing import Iterator, Mapping, Sequence
 
 from mmtrain.data.catalog import CatalogSpec, Product, read_catalog
