@@ -266,9 +266,10 @@ def main() -> None:
     print(f"{'pipeline (best run of each)':<44}{'samples/s':>10}{'/ PIL':>8}{'/ sjpg':>8}")
     print(f"{'raw PIL decode+resize (same images)':<44}{raw:>10.1f}{1.0:>8.2f}{raw / raw_sj:>8.2f}")
     print(f"{'raw simplejpeg decode+resize (same images)':<44}{raw_sj:>10.1f}{raw_sj / raw:>8.2f}{1.0:>8.2f}")
-    print(f"{f'mmtrain stream, batch {args.batch_size} (tar+decode+tmpl+coll)':<44}{full:>10.1f}{full / raw:>8.2f}"
+    print(f"{f'mmtrain stream, batch {args.batch_size} (tar..collate)':<44}{full:>10.1f}{full / raw:>8.2f}"
           f"{full / raw_sj:>8.2f}")
-    print(f"{f'mmtrain stream, batch {2 * args.batch_size}':<44}{full2:>10.1f}{full2 / raw:>8.2f}{full2 / raw_sj:>8.2f}")
+    print(f"{f'mmtrain stream, batch {2 * args.batch_size}':<44}{full2:>10.1f}{full2 / raw:>8.2f}"
+          f"{full2 / raw_sj:>8.2f}")
     print(f"{'mmtrain stream, packed (2 rows x 1024)':<44}{packed_rate:>10.1f}{packed_rate / raw:>8.2f}"
           f"{packed_rate / raw_sj:>8.2f}")
     print(f"{'llava-style map Dataset (json+folder+CLIP)':<44}{llava:>10.1f}{llava / raw:>8.2f}{llava / raw_sj:>8.2f}"

@@ -87,25 +87,26 @@ def build_shard_set(folder: Path, spec: ShardSet, catalog: Path) -> None:
           f"{summary.manifest['splits']['val']['samples']} val samples → {folder}")
 
 
-def check_reusable(folder: Path, spec: ShardSet) -> None:
+def check_reusable(folder: Path, spec: ShardSet, catalog: Path) -> None:
     """A shard set already in the demo's folder (a rerun resumes) must be what this demo would build: one left by an
-    older demo with other options would silently train and score on other data."""
+    older demo with other options, or built from another `--catalog`, would silently train and score on other data."""
     from mmtrain.data.tasks import TASKS
     from mmtrain.data.writer import read_manifest
 
     manifest = read_manifest(folder)
     source = manifest.get("source") or {}
-    have = {"tasks": source.get("tasks"), "per_task": source.get("per_task"), "text_only": source.get("text_only"),
-            "val_every_attribute": source.get("val_every_attribute", False),
+    have = {"catalog": source.get("catalog"), "tasks": source.get("tasks"), "per_task": source.get("per_task"),
+            "text_only": source.get("text_only"), "val_every_attribute": source.get("val_every_attribute", False),
             "attribute_weights": source.get("attribute_weights", {}), "val_fraction": manifest.get("val_fraction"),
             "image_size": manifest.get("image_size")}
-    want = {"tasks": list(spec.tasks or TASKS), "per_task": spec.per_task, "text_only": spec.text_only,
-            "val_every_attribute": spec.val_every_attribute, "attribute_weights": dict(spec.attribute_weights or {}),
-            "val_fraction": VAL_FRACTION, "image_size": IMAGE_SIZE}
+    want = {"catalog": str(catalog), "tasks": list(spec.tasks or TASKS), "per_task": spec.per_task,
+            "text_only": spec.text_only, "val_every_attribute": spec.val_every_attribute,
+            "attribute_weights": dict(spec.attribute_weights or {}), "val_fraction": VAL_FRACTION,
+            "image_size": IMAGE_SIZE}
     differ = [f"{k} {have[k]!r} (this demo: {want[k]!r})" for k in want if have[k] != want[k]]
     if differ:
         raise UserError(f"{folder} was built with other options than this demo's: {'; '.join(differ)}. "
-                        f"It was left by an older demo; delete {folder.parent.parent} or give another --out")
+                        f"It was left by an older or another demo; delete {folder.parent.parent} or give another --out")
 
 
 def data_overrides(recipe: Path, built: dict[str, Path]) -> list[str]:
@@ -130,7 +131,7 @@ def build_inputs(out: Path, catalog: Path) -> tuple[dict[str, Path], Path, dict[
     for name, spec in SHARD_SETS.items():
         folder, tick = built[name], time.perf_counter()
         if (folder / "manifest.json").is_file():
-            check_reusable(folder, spec)
+            check_reusable(folder, spec, catalog)
         else:
             build_shard_set(folder, spec, catalog)
         timings[f"shards_{spec.folder}"] = time.perf_counter() - tick

@@ -32,15 +32,17 @@ def test_demo_shard_sets_are_built_as_declared_and_a_stale_one_is_refused(tmp_pa
     manifest = read_manifest(folder)
     assert manifest["source"]["attribute_weights"] == {"colour": 36.0}
     assert manifest["source"]["tasks"] == list(SHORT_ANSWER_TASKS) and manifest["source"]["per_task"] == 2
-    check_reusable(folder, spec)  # what this demo would build: reused as it is
+    check_reusable(folder, spec, catalog)  # what this demo would build: reused as it is
+    with pytest.raises(UserError, match="catalog .*other.csv"):  # the same options from another catalog: refused
+        check_reusable(folder, spec, tmp_path / "other.csv")
 
     uniform = ShardSet(spec.folder, spec.tasks, spec.per_task, spec.text_only)
     with pytest.raises(UserError, match=r"attribute_weights \{'colour': 36.0\} \(this demo: \{\}\)"):
-        check_reusable(folder, uniform)
+        check_reusable(folder, uniform, catalog)
     # a set left by a demo from before the options existed: absent fields read as off, so the weights differ
     for field in ("attribute_weights", "val_every_attribute"):
         manifest["source"].pop(field)
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    check_reusable(folder, uniform)
+    check_reusable(folder, uniform, catalog)
     with pytest.raises(UserError, match=f"delete {tmp_path}"):
-        check_reusable(folder, spec)
+        check_reusable(folder, spec, catalog)
