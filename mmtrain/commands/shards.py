@@ -128,6 +128,15 @@ def print_manifest(manifest: dict[str, Any], file=None) -> None:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)), file=file)
     print(f"rows read {manifest.get('rows')}, rejects {manifest.get('rejects') or 'none'}, seed {manifest.get('seed')}, "
           f"mmtrain {manifest.get('tool_version')}", file=file)
+    source = manifest.get("source") or {}
+    drawn = []  # the builder options that change what is asked, so a reader of the table knows how it was drawn
+    if source.get("attribute_weights"):
+        weights = ", ".join(f"{k} {v:g}" for k, v in source["attribute_weights"].items())
+        drawn.append(f"attribute QA weights: {weights} (others 1)")
+    if source.get("val_every_attribute"):
+        drawn.append("val asks every attribute")
+    if drawn:
+        print("; ".join(drawn), file=file)
 
 
 def iter_shard_samples(folder: Path, split: str) -> Iterator[dict[str, Any]]:

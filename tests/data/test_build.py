@@ -210,7 +210,9 @@ def test_val_every_attribute_asks_every_attribute_in_val_and_leaves_train_byte_i
         tmp_path: Path, real_catalog: Path, fashion_spec: Path, capsys) -> None:
     catalog = _subset(real_catalog, tmp_path / "cat", 40)
     _build(fashion_spec, catalog, tmp_path / "drawn", val_fraction=0.3, tasks="attribute_qa")
+    assert "every attribute" not in capsys.readouterr().out
     _build(fashion_spec, catalog, tmp_path / "every", val_fraction=0.3, tasks="attribute_qa", val_every_attribute=True)
+    assert "val asks every attribute" in capsys.readouterr().out  # the build's table says how it was drawn
     drawn, every = read_manifest(tmp_path / "drawn"), read_manifest(tmp_path / "every")
     assert every["source"]["val_every_attribute"] is True and drawn["source"]["val_every_attribute"] is False
     assert drawn["splits"]["train"] == every["splits"]["train"]
@@ -238,6 +240,7 @@ def test_attribute_weights_skew_attribute_qa_are_recorded_and_bad_ones_stop_befo
            attribute_weight="colour=12")
     manifest = read_manifest(tmp_path / "w")
     assert manifest["source"]["attribute_weights"] == {"colour": 12.0}
+    assert "attribute QA weights: colour 12 (others 1)" in capsys.readouterr().out  # the build's table says so
     asked: Counter = Counter()
     for shard in manifest["splits"]["train"]["shards"]:
         for raw in wds.WebDataset(str(tmp_path / "w" / shard["name"]), shardshuffle=False):
