@@ -90,15 +90,15 @@ def build_shard_set(folder: Path, spec: ShardSet, catalog: Path) -> None:
 def check_reusable(folder: Path, spec: ShardSet, catalog: Path) -> None:
     """A shard set already in the demo's folder (a rerun resumes) must be what this demo would build: one left by an
     older demo with other options, or built from another `--catalog`, would silently train and score on other data."""
+    from mmtrain.data.merge import SOURCE_DEFAULTS
     from mmtrain.data.tasks import TASKS
     from mmtrain.data.writer import read_manifest
 
     manifest = read_manifest(folder)
-    source = manifest.get("source") or {}
-    have = {"catalog": source.get("catalog"), "tasks": source.get("tasks"), "per_task": source.get("per_task"),
-            "text_only": source.get("text_only"), "val_every_attribute": source.get("val_every_attribute", False),
-            "attribute_weights": source.get("attribute_weights", {}), "val_fraction": manifest.get("val_fraction"),
-            "image_size": manifest.get("image_size")}
+    source = {**SOURCE_DEFAULTS, **(manifest.get("source") or {})}  # fields newer than the manifest read as off
+    have = {k: source.get(k) for k in ("catalog", "tasks", "per_task", "text_only", "val_every_attribute",
+                                       "attribute_weights")}
+    have.update(val_fraction=manifest.get("val_fraction"), image_size=manifest.get("image_size"))
     want = {"catalog": str(catalog), "tasks": list(spec.tasks or TASKS), "per_task": spec.per_task,
             "text_only": spec.text_only, "val_every_attribute": spec.val_every_attribute,
             "attribute_weights": dict(spec.attribute_weights or {}), "val_fraction": VAL_FRACTION,

@@ -163,12 +163,16 @@ def _attributes(product: Product, rng: Draws, text_only: bool) -> tuple[str, str
     return str(idx), ATTRIBUTE_PROMPTS[idx], "\n".join(f"{k}: {v}" for k, v in product.attributes.items())
 
 
+def _ask_attribute(product: Product, rng: Draws, name: str) -> tuple[str, str, str]:
+    """The question about attribute `name` (a phrasing drawn) and its answer."""
+    idx = rng.randrange(len(ATTRIBUTE_QA_PROMPTS))
+    return f"{name}-{idx}", ATTRIBUTE_QA_PROMPTS[idx].format(name=name), product.attributes[name]
+
+
 def _attribute_qa(product: Product, rng: Draws, text_only: bool) -> tuple[str, str, str] | None:
     if not product.attributes:
         return None
-    name = rng.choice(sorted(product.attributes))
-    idx = rng.randrange(len(ATTRIBUTE_QA_PROMPTS))
-    return f"{name}-{idx}", ATTRIBUTE_QA_PROMPTS[idx].format(name=name), product.attributes[name]
+    return _ask_attribute(product, rng, rng.choice(sorted(product.attributes)))
 
 
 def _weighted_attribute_qa(product: Product, rng: Draws,
@@ -177,9 +181,7 @@ def _weighted_attribute_qa(product: Product, rng: Draws,
     if not product.attributes:
         return None
     names = sorted(product.attributes)
-    name = rng.weighted_choice(names, [weights.get(n, 1.0) for n in names])
-    idx = rng.randrange(len(ATTRIBUTE_QA_PROMPTS))
-    return f"{name}-{idx}", ATTRIBUTE_QA_PROMPTS[idx].format(name=name), product.attributes[name]
+    return _ask_attribute(product, rng, rng.weighted_choice(names, [weights.get(n, 1.0) for n in names]))
 
 
 def _freeform(product: Product, rng: Draws, text_only: bool) -> tuple[str, str, str] | None:
@@ -213,11 +215,7 @@ def _user_turn(product: Product, task: str, prompt: str, text_only: bool) -> str
 
 def _every_attribute_qa(product: Product, rng: Draws) -> list[tuple[str, str, str]]:
     """One question per attribute (names in sorted order, a phrasing drawn for each): the evaluation form."""
-    out = []
-    for name in sorted(product.attributes):
-        idx = rng.randrange(len(ATTRIBUTE_QA_PROMPTS))
-        out.append((f"{name}-{idx}", ATTRIBUTE_QA_PROMPTS[idx].format(name=name), product.attributes[name]))
-    return out
+    return [_ask_attribute(product, rng, name) for name in sorted(product.attributes)]
 
 
 def product_samples(product: Product, tasks: Sequence[str] = TASKS, per_task: int = 1, seed: int = 0,
