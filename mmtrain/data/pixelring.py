@@ -6,11 +6,13 @@ worker decodes its batch's images straight into ring slot `k mod depth` of buffe
 (`RingWriter`: no copy for an image already at the model size, ~16 µs per 224² image saved) and sends only
 (worker, slot, k, positions). The main process normalizes them out of the slot (a copy) before asking for more.
 
-Safety: the DataLoader keeps at most `prefetch_factor` batches in flight per worker, and a worker starts producing
-batch k only once the main process has received batch k - prefetch_factor; so while the main process reads batch k of
-a worker, that worker writes at most batches k+1 … k+prefetch_factor; `depth = prefetch_factor + 2` slots never
-collide. Every slot carries the batch number it holds, set *before* the worker's first write into it and checked
-after the main process's copy: a collision would raise instead of silently mixing images.
+Safety: the DataLoader keeps at most `prefetch_factor` items in flight per worker, each a transfer of T batches
+(handoff.py), and the main process finishes a worker's transfer before it takes that worker's next one. So a worker
+starts transfer t only once the main process has received transfer t - prefetch, i.e. is done with every batch before
+(t - prefetch) T; while it writes batch k <= (t + 1) T - 1, the main process reads no batch before (t - prefetch) T,
+and `depth = (prefetch + 2) T` slots never collide (T = 1: prefetch + 2, as before transfers). Every slot carries the
+batch number it holds, set *before* the worker's first write into it and checked after the main process's copy: a
+collision would raise instead of silently mixing images.
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ Ref = tuple[int, int, int, "int | tuple[int, ...]"]
 class PixelRing:
     """[workers, depth, capacity, H, W, 3] uint8 in shared memory plus the batch number held by each slot."""
 
-    DEPTH = PREFETCH + 2
-
-    def __init__(self, workers: int, capacity: int, size: int, depth: int = DEPTH):
+    def __init__(self, workers: int, capacity: int, size: int, depth: int = PREFETCH + 2):
         self.depth, self.capacity = depth, capacity
         self.pixels = torch.empty((workers, depth, capacity, size, size, 3), dtype=torch.uint8).share_memory_()
         self.stamp = torch.full((workers, depth), -1, dtype=torch.int64).share_memory_()
@@ -91,8 +91,8 @@ class RingWriter:
         """Batch k's images (in batch order) as a ring reference, or None (then send them as a tensor). `waiting`: the
         image lists of samples read for this batch that wait for a later one (packing): their images that sit in this
         slot move to the next batch's slot, in place in those lists, before this slot can be reused. Moving them now
-        is safe: the worker produces batch k only after the main process received batch k - prefetch, so it is done
-        with batch k + 1 - depth, the next slot's last batch."""
+        is safe: while the worker produces batch k the main process is done with batch k + 1 - depth, the next
+        slot's last batch (the module's docstring)."""
         slot = self._slot()
         base = _address(slot)
         carry = [(pixels, i) for pixels in waiting for i, img in enumerate(pixels) if _position(slot, base, img) >= 0]

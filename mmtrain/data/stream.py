@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data import collate as collate_mod
+from mmtrain.data import handoff
 from mmtrain.data.cursor import fresh_position
 from mmtrain.data.images import ImageConfig
 from mmtrain.data.packing import LOOKAHEAD, Probe, end_epoch, epoch_batches, probe_sources
@@ -35,7 +36,8 @@ from mmtrain.errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RING_BYTES = 64 << 20
-"""Cap on the shared pixel ring (mind /dev/shm in containers)."""
+"""Cap on the shared pixel ring (mind /dev/shm in containers): transfers shrink to fit it, and packed steps' slots.
+A padded ring of one-batch transfers is not capped (batch_size images per slot)."""
 STATE_VERSION = 1  # cursors without `read` (taken before it was counted) load with read = 0
 
 
@@ -69,6 +71,9 @@ class LoaderConfig:
     """Fill `batch_size` rows of `max_length` tokens per step with whole samples (see packing.py, docs/loader.md)."""
     pad_to_multiple: int = 8
     num_workers: int = 2
+    transfer_samples: int = handoff.TRANSFER_SAMPLES
+    """Samples a worker sends per DataLoader item, in whole batches (handoff.py: the item's fixed cost is paid
+    once for several batches). Batches, order and cursor do not depend on it; the pixel ring grows with it."""
     image: ImageConfig = field(default_factory=ImageConfig)
     on_error: str = "raise"
     """`raise` on an unreadable sample (BadSample: a ValueError naming shard, key and reason) or `warn`: skip it
@@ -85,8 +90,8 @@ class LoaderConfig:
             raise UserError(f"on_error must be 'raise' or 'warn', got {self.on_error!r}")
         if self.max_image_pixels < 1:
             raise UserError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise UserError("batch_size must be >= 1 and num_workers >= 0")
+        if self.batch_size < 1 or self.num_workers < 0 or self.transfer_samples < 1:
+            raise UserError("batch_size and transfer_samples must be >= 1 and num_workers >= 0")
 
 
 def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -157,14 +162,17 @@ class StreamDataset(IterableDataset):
         self.states = {slot: copy_state(s) for slot, s in loader.slots.items()}
         self.rotation = rotation
         self.ring = loader.ring
+        self.per_transfer = loader.per_transfer
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[list[dict]]:
+        """Lists of `per_transfer` batches (handoff.py)."""
         info = get_worker_info()
         worker = 0 if info is None else info.id
         logical = (worker + self.rotation) % self.plan.workers
         slot = self.rank * self.plan.workers + logical
-        yield from SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
-                              self.states[slot], self.ring, worker).batches()
+        batches = SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
+                             self.states[slot], self.ring, worker).batches()
+        yield from handoff.transfers(batches, self.per_transfer)
 
 
 class StreamLoader:
@@ -187,6 +195,8 @@ class StreamLoader:
         self.epoch = 0
         self.batches_in_epoch = 0
         self.ring: PixelRing | None = None
+        self.per_transfer = self._transfer_batches()
+        """Batches per DataLoader item (handoff.py); the pixel ring holds (prefetch + 2) transfers per worker."""
 
     def __len__(self) -> int:
         return self.plan.steps_per_epoch
@@ -195,12 +205,13 @@ class StreamLoader:
         rotation = self.batches_in_epoch % self.plan.workers
         workers = self.cfg.num_workers
         if workers and self.ring is None:  # mapped before the workers fork; reused by every epoch
-            self.ring = PixelRing(workers, self._ring_capacity(), self.cfg.image.size)  # more images: a tensor
+            self.ring = PixelRing(workers, self._ring_capacity(), self.cfg.image.size, self._ring_depth())
         dataset = StreamDataset(self, rotation)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                             collate_fn=_as_sent, prefetch_factor=PREFETCH if workers else None)
         norm = (tuple(self.cfg.image.mean), tuple(self.cfg.image.std))
-        for batch in loader:
+        slots = [self.rank * self.plan.workers + w for w in range(self.plan.workers)]
+        for batch in handoff.in_slot_order(iter(loader), slots, self.batches_in_epoch, self.plan.steps_per_epoch):
             slot, state = batch.pop("cursor")
             ref = batch.pop("pixel_ring", None)
             if ref is not None:
@@ -213,18 +224,20 @@ class StreamLoader:
             self.slots[slot] = state
             self.batches_in_epoch += 1
             yield out
-        assert self.batches_in_epoch == self.plan.steps_per_epoch, (self.batches_in_epoch, self.plan.steps_per_epoch)
         self.epoch += 1
         self.batches_in_epoch = 0
         for state in self.slots.values():
             state.update(epoch=self.epoch, batches=0)
             end_epoch(state, self.plan.loop)
 
-    def _ring_capacity(self) -> int:
-        """Images per batch the shared ring holds: batch_size, or for packed steps the probe's images per budget
+    def _ring_depth(self) -> int:
+        """Batch slots per worker: (prefetch + 2) transfers (the safety argument is in pixelring.py)."""
+        return (PREFETCH + 2) * self.per_transfer
+
+    def _images_per_batch(self) -> int:
+        """Images a batch's ring slot should hold: batch_size, or for packed steps the probe's images per budget
         with a margin plus the images of the samples that may wait for the next step (they are decoded into the
-        slot of the step that read them and moved on), capped at RING_BYTES in all (a batch with more images
-        travels as a tensor)."""
+        slot of the step that read them and moved on)."""
         if not self.cfg.pack:
             return self.cfg.batch_size
         probe = self.plan.probe
@@ -232,8 +245,23 @@ class StreamLoader:
         per_sample = probe.images_per_sample()
         want = math.ceil(1.25 * per_sample * probe.samples_per_budget(self.cfg.batch_size, self.cfg.max_length)
                          + LOOKAHEAD * per_sample)
-        per_image = self.cfg.image.size ** 2 * 3 * self.plan.workers * PixelRing.DEPTH
-        return max(1, min(max(want, self.cfg.batch_size), RING_BYTES // per_image))
+        return max(want, self.cfg.batch_size)
+
+    def _transfer_batches(self) -> int:
+        """`transfer_samples` in whole batches, fewer if the ring would pass RING_BYTES (never below 1: a padded
+        ring of one-batch transfers keeps its size, as before transfers)."""
+        per_batch = self.plan.samples_per_step if self.cfg.pack else self.cfg.batch_size
+        wanted = handoff.batches_per_transfer(per_batch, self.cfg.num_workers, self.cfg.transfer_samples)
+        per_transfer = self._images_per_batch() * self.cfg.image.size ** 2 * 3 * self.plan.workers * (PREFETCH + 2)
+        return max(1, min(wanted, RING_BYTES // per_transfer))
+
+    def _ring_capacity(self) -> int:
+        """Images per batch slot: `_images_per_batch`, for packed steps capped at RING_BYTES in all (a batch with
+        more images travels as a tensor)."""
+        if not self.cfg.pack:
+            return self.cfg.batch_size
+        per_image = self.cfg.image.size ** 2 * 3 * self.plan.workers * self._ring_depth()
+        return max(1, min(self._images_per_batch(), RING_BYTES // per_image))
 
     def sample_counts(self) -> dict:
         """`{"read": n, "skipped": {reason: n}}` for this rank since the run began (restored on resume): samples

@@ -136,15 +136,16 @@ def test_waiting_images_move_to_the_next_slot_before_theirs_is_reused():
         ring.check(ref0)
 
 
-def model_size_shards(root, sizes=(9, 8), text_only_every=4):
-    """Shards whose images are exactly the model's size (the in-place path), with some off-size and text-only."""
+def model_size_shards(root, sizes=(9, 8), text_only_every=4, images_each=None):
+    """Shards whose images are exactly the model's size (the in-place path), with some off-size and text-only;
+    1 or 2 images a sample, or `images_each`."""
     root.mkdir(parents=True)
     shards, n = [], 0
     for s, count in enumerate(sizes):
         name = f"train-{s:06d}.tar"
         with wds.TarWriter(str(root / name)) as sink:
             for _ in range(count):
-                images = 0 if text_only_every and n % text_only_every == 0 else 1 + n % 2
+                images = 0 if text_only_every and n % text_only_every == 0 else images_each or 1 + n % 2
                 conv = make_conversation(n, images, turns=1 + n % 3)
                 sample = {"__key__": f"p{n}-catqa-0", "json": json.dumps({"conversation": conv}).encode()}
                 for k in range(images):
@@ -185,7 +186,7 @@ def test_worker_batches_travel_as_ring_positions(tmp_path, monkeypatch):
     loader = build_loader(loader_config(data, num_workers=1, shuffle=False), tiny_tokenizer(), rank=0, world_size=1)
     loader.ring = PixelRing(1, loader._ring_capacity() * 2, SIZE)
     monkeypatch.setattr(slot, "get_worker_info", lambda: types.SimpleNamespace(id=0))
-    refs = [batch["pixel_ring"] for batch in StreamDataset(loader, 0)]
+    refs = [batch["pixel_ring"] for item in StreamDataset(loader, 0) for batch in item]
     assert len(refs) == 4 and all(isinstance(r[3], int) for r in refs)  # sample 3's off-size image: resized into it
 
 

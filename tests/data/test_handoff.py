@@ -1,0 +1,89 @@
+"""Transfers (several batches per DataLoader item): same batches, same order, same cursor as one batch per item."""
+
+import time
+from dataclasses import replace
+
+import pytest
+from loader_fixtures import tiny_tokenizer, write_shard_set
+from test_fastpaths import loader_config, model_size_shards
+from test_stream import assert_same_batches, config, take_then_resume
+
+from mmtrain.data import handoff
+from mmtrain.data.handoff import batches_per_transfer, in_slot_order, transfers
+from mmtrain.data.images import ImageConfig
+from mmtrain.data.stream import RING_BYTES, build_loader
+
+
+def tagged(slot, n):
+    return [{"cursor": (slot, None), "i": i} for i in range(n)]
+
+
+def test_transfers_group_a_workers_batches_in_order():
+    assert [[b["i"] for b in t] for t in transfers(iter(tagged(0, 7)), 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert batches_per_transfer(8, workers=1) == 4 and batches_per_transfer(5, workers=2) == 7
+    assert batches_per_transfer(8, workers=0) == 1 and batches_per_transfer(100, workers=2) == 1
+    assert batches_per_transfer(0.0, workers=1) == handoff.TRANSFER_SAMPLES  # a text-free packed probe
+    assert batches_per_transfer(8, workers=1, samples=1) == 1 and batches_per_transfer(8, 1, samples=17) == 3
+
+
+def test_in_slot_order_interleaves_transfers_round_robin():
+    """Slot 5 resumed one batch ahead of slot 4 (start = 3 of 8): b3 is slot 5's, then 4, 5, 4, ...; the DataLoader
+    hands transfers of 2 in its own worker order, starting with the slot due first."""
+    a, b = tagged(4, 2), tagged(5, 3)  # remaining: slot 4 batches 0-1 (of its 2), slot 5 batches 0-2
+    items = iter([b[0:2], a[0:2], b[2:3]])
+    got = [(x["cursor"][0], x["i"]) for x in in_slot_order(items, [4, 5], start=3, count=8)]
+    assert got == [(5, 0), (4, 0), (5, 1), (4, 1), (5, 2)]
+
+
+def test_in_slot_order_refuses_an_epoch_of_the_wrong_length():
+    with pytest.raises(RuntimeError, match="ended the epoch at batch 3 of 4"):
+        list(in_slot_order(iter([tagged(0, 2), tagged(1, 1)]), [0, 1], 0, 4))
+    with pytest.raises(RuntimeError, match="yielded 1 batches past the epoch's 4"):
+        list(in_slot_order(iter([tagged(0, 3), tagged(1, 2)]), [0, 1], 0, 4))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shard_set(tmp_path_factory.mktemp("handoff") / "s", [7, 5, 9, 11])  # 32 samples, 4 shards
+
+
+@pytest.mark.parametrize("per_item", [4, 6])
+def test_two_workers_give_the_same_batches_in_any_transfer_size(shards, per_item):
+    """2 workers × 2 ranks, batches of 2, 4 batches per slot: transfers of 2 or 3 batches (the last one short)
+    against one batch per item, token for token and pixel for pixel, on each rank; and a resume taken in the
+    middle of a transfer."""
+    cfg = config(str(shards), shuffle_buffer=3, transfer_samples=per_item)
+    tok = tiny_tokenizer()
+    single = [list(build_loader(replace(cfg, transfer_samples=1), tok, rank=r, world_size=2)) for r in range(2)]
+    loaders = [build_loader(cfg, tok, rank=r, world_size=2) for r in range(2)]
+    assert [loader.per_transfer for loader in loaders] == [per_item // 2] * 2
+    assert [len(s) for s in single] == [8, 8]
+    for loader, expected in zip(loaders, single):
+        assert_same_batches(list(loader), expected)
+    take_then_resume(cfg, 3)  # batch 3 of 8: the middle of slot 1's first transfer
+
+
+def test_ring_slots_are_not_reused_while_a_slow_consumer_holds_a_transfer(tmp_path):
+    """1 worker, transfers of 2 batches, so the ring has (2 + 2) × 2 = 8 slots for 20 batches; the main process
+    dawdles over each batch, so the worker runs as far ahead as the DataLoader lets it. Every batch must equal the
+    in-process one pixel for pixel (a slot overwritten too early would fail the ring's stamp check or differ)."""
+    data = model_size_shards(tmp_path / "s", sizes=(30, 30), text_only_every=0, images_each=1)  # all in the ring
+    tok = tiny_tokenizer()
+    plain = list(build_loader(loader_config(data), tok, rank=0, world_size=1))
+    loader = build_loader(loader_config(data, num_workers=1, transfer_samples=6), tok, rank=0, world_size=1)
+    slow = []
+    for batch in loader:
+        time.sleep(0.02)
+        slow.append(batch)
+    assert loader.per_transfer == 2 and loader.ring.depth == 8 and len(plain) == 20
+    assert_same_batches(slow, plain)
+
+
+@pytest.mark.parametrize("workers, batches", [(1, 4), (2, 4), (4, 3), (8, 1)])
+def test_transfers_shrink_to_keep_the_ring_under_its_cap(shards, workers, batches):
+    """224 px, batches of 8: a one-batch slot per worker is 8 × 224² × 3 B = 1.2 MB, and the ring holds 4 transfers
+    per worker. 32 samples are 4 batches; 64 MiB allows 13 / 6 / 3 / 1 of them at 1 / 2 / 4 / 8 workers."""
+    cfg = config(str(shards), num_workers=workers, batch_size=8, image=ImageConfig(size=224))
+    loader = build_loader(cfg, tiny_tokenizer(), rank=0, world_size=1)
+    assert loader.per_transfer == batches
+    assert workers * loader._ring_depth() * loader._ring_capacity() * 224 * 224 * 3 <= RING_BYTES
