@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data import collate as collate_mod
 from mmtrain.data import handoff
+from mmtrain.data.affinity import pin_worker
 from mmtrain.data.cursor import fresh_position
 from mmtrain.data.images import ImageConfig
 from mmtrain.data.packing import LOOKAHEAD, Probe, end_epoch, epoch_batches, probe_sources
@@ -74,6 +75,9 @@ class LoaderConfig:
     transfer_samples: int = handoff.TRANSFER_SAMPLES
     """Samples a worker sends per DataLoader item, in whole batches (handoff.py: the item's fixed cost is paid
     once for several batches). Batches, order and cursor do not depend on it; the pixel ring grows with it."""
+    pin_workers: bool = False
+    """Keep each worker on one core of this process's CPU set, taken from the end (affinity.py: which core, and why
+    it is off by default)."""
     image: ImageConfig = field(default_factory=ImageConfig)
     on_error: str = "raise"
     """`raise` on an unreadable sample (BadSample: a ValueError naming shard, key and reason) or `warn`: skip it
@@ -168,6 +172,8 @@ class StreamDataset(IterableDataset):
         """Lists of `per_transfer` batches (handoff.py)."""
         info = get_worker_info()
         worker = 0 if info is None else info.id
+        if info is not None and self.cfg.pin_workers:
+            pin_worker(worker, info.num_workers)
         logical = (worker + self.rotation) % self.plan.workers
         slot = self.rank * self.plan.workers + logical
         batches = SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
