@@ -13,6 +13,8 @@ import math
 from collections import deque
 from typing import Iterator, Sequence
 
+from mmtrain.data.chunking import chunked
+
 TRANSFER_SAMPLES = 32
 """Default samples per DataLoader item (`LoaderConfig.transfer_samples`), rounded up to whole batches. The pixel ring
 holds (prefetch + 2) transfers per worker (pixelring.py), so this also sizes the ring."""
@@ -28,14 +30,7 @@ def batches_per_transfer(samples_per_batch: float, workers: int, samples: int = 
 
 def transfers(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
     """A worker's batches in lists of `size` (the last one shorter)."""
-    group: list[dict] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
+    return chunked(batches, size)
 
 
 def in_slot_order(items: Iterator[list[dict]], slots: Sequence[int], start: int, count: int,

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm import tqdm
 
 import mmtrain
+from mmtrain.data.chunking import chunked
 from mmtrain.data.jpeg import DEFAULT_MAX_PIXELS, ImageRejected, reencode_image
 from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE, Reject, WorkItem
 from mmtrain.data.tarmember import end_of_archive, padding, tar_header
@@ -232,17 +233,6 @@ class _ShardSink:
                 "tasks": dict(sorted(self.tasks.items())), "shards": self.shards}
 
 
-def _chunked(entries: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for entry in entries:
-        chunk.append(entry)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 CHUNK_ITEMS = 32  # inputs per worker task: few enough to keep every worker busy, many enough to amortize the IPC
 
 
@@ -256,14 +246,14 @@ def _encoded(entries: Iterable[Any], expand: Callable[[Any], WorkItem] | None, o
     """
     args = (expand, options.image_size, options.max_pixels, options.val_fraction)
     if options.workers == 1:
-        for chunk in _chunked(entries, CHUNK_ITEMS):
+        for chunk in chunked(entries, CHUNK_ITEMS):
             yield len(chunk), _encode_chunk(chunk, *args, None)
         return
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     window: deque[tuple[int, Future]] = deque()
     pool = ProcessPoolExecutor(options.workers, mp_context=context)
     try:
-        for n, chunk in enumerate(_chunked(entries, CHUNK_ITEMS)):
+        for n, chunk in enumerate(chunked(entries, CHUNK_ITEMS)):
             window.append((len(chunk), pool.submit(_encode_chunk, chunk, *args, str(folder / f".chunk-{n:09d}"))))
             if len(window) >= 4 * options.workers:
                 count, future = window.popleft()
