@@ -131,11 +131,11 @@ def bench_mmtrain(shards_dir: Path, tok, cfg: ImageConfig, batch_size: int, pack
         steps += 1
         p, a = padding_waste(batch)
         pad, total = pad + p, total + a
-        if steps == 1:
-            ms_first = (time.perf_counter() - start) * 1e3
-        if steps == loader.per_transfer:  # the first transfer's batches arrive together, made before the clock
-            t_first, n_first = time.perf_counter(), n  # starts; fork and start-up are once per epoch
-
+        if steps == 1:  # the first transfer has arrived: the clock starts (fork and start-up: once per epoch)
+            t_first = time.perf_counter()
+            ms_first = (t_first - start) * 1e3
+        if steps == loader.per_transfer:  # that transfer's batches were made before the clock started: not counted
+            n_first = n
     rate = (n - n_first) / (time.perf_counter() - t_first)
     main = (cpu_seconds(resource.RUSAGE_SELF) - main0) / n * 1e3
     worker = (cpu_seconds(resource.RUSAGE_CHILDREN) - workers0) / n * 1e3

@@ -10,7 +10,8 @@ Safety: the DataLoader keeps at most `prefetch_factor` items in flight per worke
 (handoff.py), and the main process finishes a worker's transfer before it takes that worker's next one. So a worker
 starts transfer t only once the main process has received transfer t - prefetch, i.e. is done with every batch before
 (t - prefetch) T; while it writes batch k <= (t + 1) T - 1, the main process reads no batch before (t - prefetch) T,
-and `depth = (prefetch + 2) T` slots never collide (T = 1: prefetch + 2, as before transfers). Every slot carries the
+and `depth = (prefetch + 2) T` slots never collide: they need more than (prefetch + 1) T (T = 1: prefetch + 2, as
+before transfers). Every slot carries the
 batch number it holds, set *before* the worker's first write into it and checked after the main process's copy: a
 collision would raise instead of silently mixing images.
 """
@@ -30,7 +31,7 @@ Ref = tuple[int, int, int, "int | tuple[int, ...]"]
 class PixelRing:
     """[workers, depth, capacity, H, W, 3] uint8 in shared memory plus the batch number held by each slot."""
 
-    def __init__(self, workers: int, capacity: int, size: int, depth: int = PREFETCH + 2):
+    def __init__(self, workers: int, capacity: int, size: int, depth: int):
         self.depth, self.capacity = depth, capacity
         self.pixels = torch.empty((workers, depth, capacity, size, size, 3), dtype=torch.uint8).share_memory_()
         self.stamp = torch.full((workers, depth), -1, dtype=torch.int64).share_memory_()

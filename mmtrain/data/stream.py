@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data import collate as collate_mod
 from mmtrain.data import handoff
-from mmtrain.data.affinity import pin_worker
+from mmtrain.data.affinity import local_world_size, pin_worker
 from mmtrain.data.cursor import fresh_position
 from mmtrain.data.images import ImageConfig
 from mmtrain.data.packing import LOOKAHEAD, Probe, end_epoch, epoch_batches, probe_sources
@@ -37,8 +37,8 @@ from mmtrain.errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RING_BYTES = 64 << 20
-"""Cap on the shared pixel ring (mind /dev/shm in containers): transfers shrink to fit it, and packed steps' slots.
-A padded ring of one-batch transfers is not capped (batch_size images per slot)."""
+"""Cap on the shared pixel ring per rank: transfers shrink to fit it (or `ring_budget()`, where /dev/shm is small),
+and packed steps' slots. A padded ring of one-batch transfers is not capped (batch_size images per slot)."""
 STATE_VERSION = 1  # cursors without `read` (taken before it was counted) load with read = 0
 
 
@@ -96,6 +96,24 @@ class LoaderConfig:
             raise UserError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
         if self.batch_size < 1 or self.num_workers < 0 or self.transfer_samples < 1:
             raise UserError("batch_size and transfer_samples must be >= 1 and num_workers >= 0")
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm, where torch maps shared memory; None where there is no such file system."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def ring_budget() -> int:
+    """Bytes a rank's pixel ring may grow to for transfers: RING_BYTES, or less where /dev/shm is small (a
+    container's default is 64 MB): half its free space, shared by this node's ranks."""
+    free = shm_free_bytes()
+    if free is None:
+        return RING_BYTES
+    return min(RING_BYTES, free // (2 * local_world_size()))
 
 
 def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -163,6 +181,7 @@ class StreamDataset(IterableDataset):
     def __init__(self, loader: "StreamLoader", rotation: int):
         self.cfg, self.sources, self.plan = loader.cfg, loader.sources, loader.plan
         self.renderer, self.pad_id, self.rank = loader.renderer, loader.pad_id, loader.rank
+        self.world_size = loader.world_size
         self.states = {slot: copy_state(s) for slot, s in loader.slots.items()}
         self.rotation = rotation
         self.ring = loader.ring
@@ -173,7 +192,7 @@ class StreamDataset(IterableDataset):
         info = get_worker_info()
         worker = 0 if info is None else info.id
         if info is not None and self.cfg.pin_workers:
-            pin_worker(worker, info.num_workers)
+            pin_worker(worker, info.num_workers, self.world_size)
         logical = (worker + self.rotation) % self.plan.workers
         slot = self.rank * self.plan.workers + logical
         batches = SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
@@ -254,12 +273,12 @@ class StreamLoader:
         return max(want, self.cfg.batch_size)
 
     def _transfer_batches(self) -> int:
-        """`transfer_samples` in whole batches, fewer if the ring would pass RING_BYTES (never below 1: a padded
-        ring of one-batch transfers keeps its size, as before transfers)."""
+        """`transfer_samples` in whole batches, fewer if the ring would pass `ring_budget()` (never below 1: a
+        padded ring of one-batch transfers keeps its size, as before transfers)."""
         per_batch = self.plan.samples_per_step if self.cfg.pack else self.cfg.batch_size
         wanted = handoff.batches_per_transfer(per_batch, self.cfg.num_workers, self.cfg.transfer_samples)
         per_transfer = self._images_per_batch() * self.cfg.image.size ** 2 * 3 * self.plan.workers * (PREFETCH + 2)
-        return max(1, min(wanted, RING_BYTES // per_transfer))
+        return max(1, min(wanted, ring_budget() // per_transfer))
 
     def _ring_capacity(self) -> int:
         """Images per batch slot: `_images_per_batch`, for packed steps capped at RING_BYTES in all (a batch with

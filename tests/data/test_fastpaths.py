@@ -19,7 +19,7 @@ from PIL import Image
 
 from mmtrain.data import shardio, slot
 from mmtrain.data.images import ImageConfig, decode_array, normalize_batch, normalize_hwc_batch, preprocess_hwc
-from mmtrain.data.pixelring import PixelRing, RingWriter
+from mmtrain.data.pixelring import PREFETCH, PixelRing, RingWriter
 from mmtrain.data.skips import BadSample, load_image
 from mmtrain.data.stream import LoaderConfig, StreamDataset, build_loader
 from mmtrain.data.tarmember import end_of_archive, tar_member
@@ -101,7 +101,7 @@ def fill(buffer: np.ndarray | None, seed: int) -> np.ndarray:
 
 
 def test_ring_positions_in_order_out_of_order_and_overflow():
-    ring = PixelRing(workers=2, capacity=3, size=SIZE)
+    ring = PixelRing(workers=2, capacity=3, size=SIZE, depth=PREFETCH + 2)
     writer = RingWriter(ring, worker=1)
     a, b = fill(writer.buffer(), 1), fill(writer.buffer(), 2)
     ref = writer.ship([a, b])
@@ -184,7 +184,7 @@ def test_worker_batches_travel_as_ring_positions(tmp_path, monkeypatch):
     """In a worker (faked in-process), a batch of model-size images is decoded in place: a count, no copy."""
     data = model_size_shards(tmp_path / "s", sizes=(12,), text_only_every=0)
     loader = build_loader(loader_config(data, num_workers=1, shuffle=False), tiny_tokenizer(), rank=0, world_size=1)
-    loader.ring = PixelRing(1, loader._ring_capacity() * 2, SIZE)
+    loader.ring = PixelRing(1, loader._ring_capacity() * 2, SIZE, loader._ring_depth())
     monkeypatch.setattr(slot, "get_worker_info", lambda: types.SimpleNamespace(id=0))
     refs = [batch["pixel_ring"] for item in StreamDataset(loader, 0) for batch in item]
     assert len(refs) == 4 and all(isinstance(r[3], int) for r in refs)  # sample 3's off-size image: resized into it
