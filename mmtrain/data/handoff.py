@@ -1,5 +1,6 @@
-"""Batches cross from a DataLoader worker to the main process several at a time (a *transfer*), and are put back in
-the order that one batch per DataLoader item gives: slot after slot, round-robin, from the epoch's rotation.
+"""Batches cross from a DataLoader worker to the main process several at a time (a *transfer*: `chunking.chunked`
+on the worker's batches), and are put back in the order that one batch per DataLoader item gives: slot after slot,
+round-robin, from the epoch's rotation.
 
 Why: every DataLoader item pays a fixed hand-off, whatever it holds: the index queue, the put, the queue's feeder
 thread, pickling, and the wake-ups of two processes. On this 2-vCPU VM that cost more than the batch's collate
@@ -12,8 +13,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from typing import Iterator, Sequence
-
-from mmtrain.data.chunking import chunked
 
 TRANSFER_SAMPLES = 32
 """Default samples per DataLoader item (`LoaderConfig.transfer_samples`), rounded up to whole batches. The pixel ring
@@ -28,13 +27,7 @@ def batches_per_transfer(samples_per_batch: float, workers: int, samples: int = 
     return max(1, math.ceil(samples / max(samples_per_batch, 1.0)))
 
 
-def transfers(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    """A worker's batches in lists of `size` (the last one shorter)."""
-    return chunked(batches, size)
-
-
-def in_slot_order(items: Iterator[list[dict]], slots: Sequence[int], start: int, count: int,
-                  slot_of=lambda batch: batch["cursor"][0]) -> Iterator[dict]:
+def in_slot_order(items: Iterator[list[dict]], slots: Sequence[int], start: int, count: int) -> Iterator[dict]:
     """The batches numbered `start` … `count - 1` of a rank's epoch, batch b from `slots[b % len(slots)]`.
 
     Each slot yields the same number of batches per epoch, and the DataLoader starts the epoch at the slot of batch
@@ -49,7 +42,7 @@ def in_slot_order(items: Iterator[list[dict]], slots: Sequence[int], start: int,
             if item is None:
                 raise RuntimeError(f"the workers ended the epoch at batch {b} of {count} (slot {due} had none left)")
             for batch in item:
-                waiting[slot_of(batch)].append(batch)
+                waiting[batch["cursor"][0]].append(batch)
         yield waiting[due].popleft()
     left = sum(len(q) for q in waiting.values()) + sum(len(item) for item in items)
     if left:

@@ -11,9 +11,8 @@ Safety: the DataLoader keeps at most `prefetch_factor` items in flight per worke
 starts transfer t only once the main process has received transfer t - prefetch, i.e. is done with every batch before
 (t - prefetch) T; while it writes batch k <= (t + 1) T - 1, the main process reads no batch before (t - prefetch) T,
 and `depth = (prefetch + 2) T` slots never collide: they need more than (prefetch + 1) T (T = 1: prefetch + 2, as
-before transfers). Every slot carries the
-batch number it holds, set *before* the worker's first write into it and checked after the main process's copy: a
-collision would raise instead of silently mixing images.
+before transfers). Every slot carries the batch number it holds, set *before* the worker's first write into it
+and checked after the main process's copy: a collision would raise instead of silently mixing images.
 """
 
 from __future__ import annotations

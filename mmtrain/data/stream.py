@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmtrain.data import collate as collate_mod
 from mmtrain.data import handoff
 from mmtrain.data.affinity import local_world_size, pin_worker
+from mmtrain.data.chunking import chunked
 from mmtrain.data.cursor import fresh_position
 from mmtrain.data.images import ImageConfig
 from mmtrain.data.packing import LOOKAHEAD, Probe, end_epoch, epoch_batches, probe_sources
@@ -197,7 +198,7 @@ class StreamDataset(IterableDataset):
         slot = self.rank * self.plan.workers + logical
         batches = SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
                              self.states[slot], self.ring, worker).batches()
-        yield from handoff.transfers(batches, self.per_transfer)
+        yield from chunked(batches, self.per_transfer)  # transfers (handoff.py)
 
 
 class StreamLoader:
@@ -277,15 +278,19 @@ class StreamLoader:
         padded ring of one-batch transfers keeps its size, as before transfers)."""
         per_batch = self.plan.samples_per_step if self.cfg.pack else self.cfg.batch_size
         wanted = handoff.batches_per_transfer(per_batch, self.cfg.num_workers, self.cfg.transfer_samples)
-        per_transfer = self._images_per_batch() * self.cfg.image.size ** 2 * 3 * self.plan.workers * (PREFETCH + 2)
+        per_transfer = self._images_per_batch() * self._image_bytes_all_workers() * (PREFETCH + 2)
         return max(1, min(wanted, ring_budget() // per_transfer))
+
+    def _image_bytes_all_workers(self) -> int:
+        """Bytes of one uint8 image position in every worker's ring."""
+        return self.cfg.image.size ** 2 * 3 * self.plan.workers
 
     def _ring_capacity(self) -> int:
         """Images per batch slot: `_images_per_batch`, for packed steps capped at RING_BYTES in all (a batch with
         more images travels as a tensor)."""
         if not self.cfg.pack:
             return self.cfg.batch_size
-        per_image = self.cfg.image.size ** 2 * 3 * self.plan.workers * self._ring_depth()
+        per_image = self._image_bytes_all_workers() * self._ring_depth()
         return max(1, min(self._images_per_batch(), RING_BYTES // per_image))
 
     def sample_counts(self) -> dict:
