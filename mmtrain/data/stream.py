@@ -76,6 +76,10 @@ class LoaderConfig:
     transfer_samples: int = handoff.TRANSFER_SAMPLES
     """Samples a worker sends per DataLoader item, in whole batches (handoff.py: the item's fixed cost is paid
     once for several batches). Batches, order and cursor do not depend on it; the pixel ring grows with it."""
+    persistent_workers: bool = True
+    """Keep the DataLoader workers from one epoch to the next (each carries its slot's cursor into the next epoch
+    itself, as the main process does): no fork per epoch, and the copy-on-write and first-touch page faults of a fresh
+    worker are paid once per run. A resume (`load_state_dict`) or an epoch left early starts fresh workers."""
     pin_workers: bool = False
     """Keep each worker on one core of this process's CPU set, taken from the end (affinity.py: which core, and why
     it is off by default)."""
@@ -169,6 +173,13 @@ def _as_sent(batch: dict) -> dict:
     return batch
 
 
+def next_epoch(state: dict, loop: bool) -> None:
+    """A slot's cursor at the end of its epoch → the cursor the next epoch starts from. The main process applies it
+    to every slot of its rank and a persistent worker to its own copy, so both agree without a message."""
+    state.update(epoch=state["epoch"] + 1, batches=0)
+    end_epoch(state, loop)
+
+
 def initial_state(num_sources: int) -> dict:
     """A slot's cursor at the start: `read` counts samples pulled (delivered + skipped), `dropped` the skipped ones
     by reason; both cover exactly the batches handed out."""
@@ -198,7 +209,13 @@ class StreamDataset(IterableDataset):
         slot = self.rank * self.plan.workers + logical
         batches = SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
                              self.states[slot], self.ring, worker).batches()
-        yield from chunked(batches, self.per_transfer)  # transfers (handoff.py)
+        last = self.states[slot]
+        for transfer in chunked(batches, self.per_transfer):  # transfers (handoff.py)
+            last = transfer[-1]["cursor"][1]
+            yield transfer
+        if info is not None:  # the epoch ran to its end: a persistent worker starts the next one from here
+            self.states[slot] = copy_state(last)
+            next_epoch(self.states[slot], self.plan.loop)
 
 
 class StreamLoader:
@@ -221,6 +238,9 @@ class StreamLoader:
         self.epoch = 0
         self.batches_in_epoch = 0
         self.ring: PixelRing | None = None
+        self._workers: DataLoader | None = None
+        """The DataLoader of persistent workers (`persistent_workers`), kept between complete epochs."""
+        self._reusable = False
         self.per_transfer = self._transfer_batches()
         """Batches per DataLoader item (handoff.py); the pixel ring holds (prefetch + 2) transfers per worker."""
 
@@ -229,32 +249,59 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict]:
         rotation = self.batches_in_epoch % self.plan.workers
-        workers = self.cfg.num_workers
-        if workers and self.ring is None:  # mapped before the workers fork; reused by every epoch
-            self.ring = PixelRing(workers, self._ring_capacity(), self.cfg.image.size, self._ring_depth())
-        dataset = StreamDataset(self, rotation)
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                            collate_fn=_as_sent, prefetch_factor=PREFETCH if workers else None)
+        loader = self._dataloader(rotation)
         norm = (tuple(self.cfg.image.mean), tuple(self.cfg.image.std))
         slots = [self.rank * self.plan.workers + w for w in range(self.plan.workers)]
-        for batch in handoff.in_slot_order(iter(loader), slots, self.batches_in_epoch, self.plan.steps_per_epoch):
-            slot, state = batch.pop("cursor")
-            ref = batch.pop("pixel_ring", None)
-            if ref is not None:
-                assert self.ring is not None
-                batch["pixel_values"] = self.ring.view(ref)
-            out = collate_mod.to_torch(batch)  # copies the uint8 pixels out of the ring slot (one memcpy)
-            if ref is not None:
-                self.ring.check(ref)
-            out["pixel_norm"] = norm
-            self.slots[slot] = state
-            self.batches_in_epoch += 1
-            yield out
+        complete = False
+        try:
+            for batch in handoff.in_slot_order(iter(loader), slots, self.batches_in_epoch,
+                                               self.plan.steps_per_epoch):
+                slot, state = batch.pop("cursor")
+                ref = batch.pop("pixel_ring", None)
+                if ref is not None:
+                    assert self.ring is not None
+                    batch["pixel_values"] = self.ring.view(ref)
+                out = collate_mod.to_torch(batch)  # copies the uint8 pixels out of the ring slot (one memcpy)
+                if ref is not None:
+                    self.ring.check(ref)
+                out["pixel_norm"] = norm
+                self.slots[slot] = state
+                self.batches_in_epoch += 1
+                yield out
+            complete = True
+        finally:  # workers that ran the epoch to its end already hold the next epoch's cursor; any others go
+            self._reusable = complete and rotation == 0 and self._workers is not None
+            if not self._reusable:
+                self.close()
         self.epoch += 1
         self.batches_in_epoch = 0
         for state in self.slots.values():
-            state.update(epoch=self.epoch, batches=0)
-            end_epoch(state, self.plan.loop)
+            next_epoch(state, self.plan.loop)
+
+    def _dataloader(self, rotation: int) -> DataLoader:
+        """The live persistent workers when they ran the last epoch to its end from the epoch's start (they carried
+        the cursor on themselves), else a new DataLoader whose workers fork from this cursor."""
+        if self._reusable and rotation == 0 and self._workers is not None:
+            self._reusable = False
+            return self._workers
+        self.close()
+        workers = self.cfg.num_workers
+        if workers and self.ring is None:  # mapped before the workers fork; reused by every epoch
+            self.ring = PixelRing(workers, self._ring_capacity(), self.cfg.image.size, self._ring_depth())
+        persistent = bool(workers) and self.cfg.persistent_workers
+        loader = DataLoader(StreamDataset(self, rotation), batch_size=None, num_workers=workers,
+                            persistent_workers=persistent, collate_fn=_as_sent,
+                            prefetch_factor=PREFETCH if workers else None)
+        if persistent:
+            self._workers = loader
+        return loader
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they also stop with this loader, or at exit)."""
+        loader, self._workers, self._reusable = self._workers, None, False
+        running = getattr(loader, "_iterator", None)
+        if running is not None:
+            running._shutdown_workers()  # what the DataLoader iterator's own __del__ does
 
     def _ring_depth(self) -> int:
         """Batch slots per worker: (prefetch + 2) transfers (the safety argument is in pixelring.py)."""
@@ -324,6 +371,7 @@ class StreamLoader:
             if name in state and state[name] != mine:  # older cursors lack these
                 raise UserError(f"data cursor was taken with {name}={state[name]}, this run has {mine}; exact "
                                 "resume needs the same data, batch_size, max_length, pack and tokenizer")
+        self.close()  # live workers hold the old cursor
         self.epoch = state["epoch"]
         self.batches_in_epoch = state["batches_in_epoch"]
         self.slots = {int(s): copy_state(st) for s, st in state["slots"].items()}

@@ -258,6 +258,7 @@ class Trainer:
         finished = self._loop(run, result)
         if finished:
             self._finish_stage(run, result)
+        run.loader.close()  # its persistent workers: the next stage has its own loader
         run.engine.destroy()
         del run
         gc.collect()
