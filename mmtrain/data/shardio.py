@@ -8,7 +8,8 @@ webdataset's own key rule (`base_plus_ext`, extensions lower-cased, a repeated e
 member is decoded (`json.loads`, as webdataset's json handler); images stay bytes. No pickle handlers.
 
 Speed (per sample, 2 members): the header walk reads the file in 64 KiB chunks and parses the headers found in each
-(one syscall per ~8 samples instead of a seek and a read per header), members are tuples, and a json member that is
+(one syscall per ~8 samples instead of a seek and a read per header; once members average over 16 KiB it reads each
+header alone, so large images are never read by the walk), members are tuples, and a json member that is
 plainly UTF-8 skips `json.loads`' encoding sniffing; together ~9 µs → ~4 µs.
 """
 
@@ -49,7 +50,7 @@ def _ustar_walk(f: BinaryIO) -> tuple[list[Member], bool] | None:
     while True:
         if pos + BLOCK > start + len(buf):
             f.seek(pos)
-            buf, start = f.read(CHUNK), pos
+            buf, start = f.read(_walk_read_size(pos, len(members))), pos
         header = buf[pos - start:pos - start + BLOCK]
         if len(header) < BLOCK or (header[0] == 0 and header.count(0) == BLOCK):
             return members, _is_end(header)
@@ -62,6 +63,13 @@ def _ustar_walk(f: BinaryIO) -> tuple[list[Member], bool] | None:
         size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         members.append(Member(name.decode("utf-8", "surrogateescape"), pos + BLOCK, size))
         pos += BLOCK + -(-size // BLOCK) * BLOCK
+
+
+def _walk_read_size(pos: int, members: int) -> int:
+    """Bytes to read at the next header: a chunk while members are small (it holds the next few headers), the header
+    alone once they average over a quarter chunk (a chunk would hold one header and bytes the walk never uses: with
+    100 KB images the walk read two thirds of the shard)."""
+    return CHUNK if members == 0 or pos // members <= CHUNK // 4 else BLOCK
 
 
 def _ustar_members(f: BinaryIO) -> Iterator[Member] | None:
