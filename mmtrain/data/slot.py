@@ -20,7 +20,7 @@ from mmtrain.data.pixelring import PixelRing, RingWriter
 from mmtrain.data.plan import Source
 from mmtrain.data.shardio import ShardReader
 from mmtrain.data.skips import BadSample, check_sample, count, load_image, warn_skipped
-from mmtrain.data.template import Renderer, SampleDropped
+from mmtrain.data.template import Rendered, Renderer, SampleDropped
 from mmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -60,44 +60,77 @@ class SlotStream:
         return random.Random(f"mix:{self.cfg.seed}:{self.slot}:{n}").choices(range(len(self.weights)),
                                                                             self.weights)[0]
 
-    def _example(self, raw: dict, filler: bool, epoch: int) -> Example:
-        """Check, render, decode one raw sample; BadSample (unreadable) or SampleDropped (nothing to learn)."""
-        shard, key = raw["__url__"], raw["__key__"]
+    def _examples(self, size: int) -> list[Example]:
+        """The next `size` samples this slot delivers, stage by stage over all of them: read them all, then check
+        and render them all, then decode them all. Each stage's code and data stay in the caches for the whole
+        batch (docs/loader.md, "Stage by stage": ~6 % less time per sample than one sample at a time). A skipped
+        sample is replaced by the next one read, so the slot still yields its fixed number of samples and every rank
+        stays in step; the survivors keep their read order, so a batch is exactly the one that taking samples one
+        by one gives."""
+        examples: list[Example] = []
+        dropped = [0]
+        epoch = self.state["epoch"]
+        while len(examples) < size:
+            raws = [self._read(dropped) for _ in range(size - len(examples))]
+            rendered = []
+            for raw, filler in raws:
+                try:
+                    rendered.append((raw, filler, *self._render(raw)))
+                except SampleDropped as exc:
+                    self._skip(exc.reason, None, dropped)
+                except BadSample as exc:
+                    self._skip(exc.reason, exc, dropped)
+            for raw, filler, conversation, images in rendered:
+                try:
+                    examples.append(self._decode(raw, filler, conversation, images, epoch))
+                except BadSample as exc:
+                    self._skip(exc.reason, exc, dropped)
+        return examples
+
+    def _next_example(self) -> Example:
+        """One sample through every stage (packing reads one at a time)."""
+        return self._examples(1)[0]
+
+    def _read(self, dropped: list[int]) -> tuple[dict, bool]:
+        """The next raw sample and whether it is a filler; an unreadable one is skipped for the one after it."""
+        while True:
+            cursor = self.cursors[self._draw()]
+            self.state["read"] = self.state.get("read", 0) + 1
+            try:
+                return cursor.next()  # the position moves past the sample even when reading it fails
+            except BadSample as exc:
+                self._skip(exc.reason, exc, dropped)
+
+    def _render(self, raw: dict) -> tuple[Rendered, list[bytes]]:
+        """Check and render one raw sample: BadSample (unreadable) or SampleDropped (nothing to learn)."""
         conversation, images = check_sample(raw)
         try:
-            rendered = self.renderer.render(conversation, None, key=key)
+            return self.renderer.render(conversation, None, key=raw["__key__"]), images
         except SampleDropped:
             raise
         except Exception as exc:  # a conversation the template refuses, e.g. <image> in an assistant turn
-            raise BadSample(shard, key, "bad_sample", f"{type(exc).__name__}: {exc}") from exc
+            raise BadSample(raw["__url__"], raw["__key__"], "bad_sample", f"{type(exc).__name__}: {exc}") from exc
+
+    def _decode(self, raw: dict, filler: bool, rendered: Rendered, images: list[bytes], epoch: int) -> Example:
+        """Decode a rendered sample's images (BadSample when one is unreadable) into an Example."""
+        shard, key = raw["__url__"], raw["__key__"]
         rng = sample_rng(key, epoch, self.cfg.seed) if self.cfg.image.augment else None
         buffer = self.writer.buffer if self.writer is not None else _no_buffer
         pixels = [load_image(images[i], self.cfg.image, rng, self.cfg.max_image_pixels, shard, key, i, buffer())
                   for i in range(len(rendered.image_starts))]  # images cut by truncation come last: not decoded
         return Example(rendered.input_ids, rendered.labels, rendered.image_starts, pixels, key, filler)
 
-    def _next_example(self) -> Example:
-        """The next sample this slot delivers. A skipped one is replaced by the one after it (the run's end moves
-        into fillers), so the slot still yields its fixed number of samples and every rank stays in step."""
-        dropped = 0
-        while True:
-            cursor = self.cursors[self._draw()]
-            self.state["read"] = self.state.get("read", 0) + 1
-            try:
-                raw, filler = cursor.next()  # the position moves past the sample even when reading it fails
-                return self._example(raw, filler, self.state["epoch"])
-            except SampleDropped as exc:
-                reason = exc.reason
-            except BadSample as exc:
-                if self.cfg.on_error == "raise":
-                    raise
-                warn_skipped(exc)
-                reason = exc.reason
-            count(self.state["dropped"], reason)
-            dropped += 1
-            if dropped > 1000 + 2 * sum(c.source.samples for c in self.cursors):
-                raise UserError(f"slot {self.slot}: every sample is dropped ({self.state['dropped']}); "
-                                "check max_length")
+    def _skip(self, reason: str, exc: BadSample | None, dropped: list[int]) -> None:
+        """Count a skipped sample (a BadSample is warned about, or raised with `on_error: raise`)."""
+        if exc is not None:
+            if self.cfg.on_error == "raise":
+                raise exc
+            warn_skipped(exc)
+        count(self.state["dropped"], reason)
+        dropped[0] += 1
+        if dropped[0] > 1000 + 2 * sum(c.source.samples for c in self.cursors):
+            raise UserError(f"slot {self.slot}: every sample is dropped ({self.state['dropped']}); "
+                            "check max_length")
 
     def _collate(self, examples: list[Example]) -> dict:
         """numpy arrays + the uint8 pixels; the consuming process finishes them (`collate.to_torch`)."""
@@ -133,7 +166,7 @@ class SlotStream:
         done = self.state["batches"]
         try:
             for size in sizes[done:]:
-                examples = [self._next_example() for _ in range(size)]
+                examples = self._examples(size)
                 self.state["batches"] += 1
                 self.state["sources"] = [dict(c.position) for c in self.cursors]
                 batch = self._collate(examples)

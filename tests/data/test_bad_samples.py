@@ -26,6 +26,7 @@ from mmtrain.data.images import ImageConfig
 from mmtrain.data.plan import make_sources
 from mmtrain.data.shardio import ShardReader
 from mmtrain.data.skips import DATA_REASONS, BadSample, SkippedSampleWarning
+from mmtrain.data.slot import SlotStream
 from mmtrain.data.stream import LoaderConfig, Plan, build_loader
 from mmtrain.data.tarmember import tar_member
 from mmtrain.data.writer import BuildOptions
@@ -331,3 +332,23 @@ def test_inspect_and_eval_reader_skip_bad_samples_with_the_loaders_warning(shard
     assert set(reasons) <= {"bad_json", "missing_fields", "image_count_mismatch", "truncated_shard"}
     assert all(isinstance(r["conversation"], list) for r in records)
     assert len(records) + sum(reasons.values()) <= SHARDS * PER_SHARD
+
+
+def test_stage_by_stage_batches_equal_sample_by_sample(shard_sets, epoch, monkeypatch):
+    """A batch's samples are read, then checked and rendered, then decoded, stage by stage. With skips at every
+    stage (read: bad json, the cut shard; check and render: missing fields, no label; decode: bad and too large
+    images) the replacements keep read order, so the batches and counts are exactly those of taking the samples
+    one by one through every stage."""
+    staged = SlotStream._examples
+    monkeypatch.setattr(SlotStream, "_examples", lambda self, size: [ex for _ in range(size) for ex in staged(self, 1)])
+    for rank in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedSampleWarning)
+            loader = build_loader(config(shard_sets["bad"]), tiny_tokenizer(), rank=rank, world_size=2)
+            one_by_one = list(loader)
+        assert loader.sample_counts() == epoch[rank]["counts"]
+        assert len(one_by_one) == len(epoch[rank]["batches"])
+        for got, want in zip(one_by_one, epoch[rank]["batches"]):
+            assert got["keys"] == want["keys"]
+            for name in ("input_ids", "labels", "pixel_values", "image_slots", "filler"):
+                assert torch.equal(got[name], want[name]), name
