@@ -66,9 +66,10 @@ class SlotStream:
         batch (docs/loader.md, "Stage by stage": ~6 % less time per sample than one sample at a time). A skipped
         sample is replaced by the next one read, so the slot still yields its fixed number of samples and every rank
         stays in step; the survivors keep their read order, so a batch is exactly the one that taking samples one
-        by one gives."""
+        by one gives. (With `on_error: raise` the error raised may be a later sample's, from an earlier stage.)"""
         examples: list[Example] = []
-        dropped = [0]
+        # skips in this call, and the limit past which every sample counts as dropped (per sample asked for)
+        dropped = [0, size * (1000 + 2 * sum(c.source.samples for c in self.cursors))]
         epoch = self.state["epoch"]
         while len(examples) < size:
             raws = [self._read(dropped) for _ in range(size - len(examples))]
@@ -128,7 +129,7 @@ class SlotStream:
             warn_skipped(exc)
         count(self.state["dropped"], reason)
         dropped[0] += 1
-        if dropped[0] > 1000 + 2 * sum(c.source.samples for c in self.cursors):
+        if dropped[0] > dropped[1]:
             raise UserError(f"slot {self.slot}: every sample is dropped ({self.state['dropped']}); "
                             "check max_length")
 

@@ -207,9 +207,10 @@ class StreamDataset(IterableDataset):
             pin_worker(worker, info.num_workers, self.world_size)
         logical = (worker + self.rotation) % self.plan.workers
         slot = self.rank * self.plan.workers + logical
+        last = copy_state(self.states[slot])  # the main process's cursor, if this epoch has no batch left (packing's
+        # replay of read-ahead samples moves the live state before the first batch)
         batches = SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
                              self.states[slot], self.ring, worker).batches()
-        last = self.states[slot]
         for transfer in chunked(batches, self.per_transfer):  # transfers (handoff.py)
             last = transfer[-1]["cursor"][1]
             yield transfer
@@ -270,9 +271,10 @@ class StreamLoader:
                 yield out
             complete = True
         finally:  # workers that ran the epoch to its end already hold the next epoch's cursor; any others go
-            self._reusable = complete and rotation == 0 and self._workers is not None
-            if not self._reusable:
-                self.close()
+            if self._workers is loader:  # not when a newer iteration has replaced them (a leftover generator)
+                self._reusable = complete and rotation == 0
+                if not self._reusable:
+                    self.close()
         self.epoch += 1
         self.batches_in_epoch = 0
         for state in self.slots.values():

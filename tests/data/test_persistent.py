@@ -98,3 +98,43 @@ def test_resume_replaces_live_workers_and_close_stops_them(shards):
     procs = list(loader._workers._iterator._workers)
     loader.close()
     assert loader._workers is None and not any(p.is_alive() for p in procs)
+
+
+def test_resume_at_an_epochs_end_keeps_packed_mixture_cursors_in_step(shards, text_shards):
+    """A cursor taken after an epoch's last batch (what a checkpoint on the epoch's last step holds): the resumed
+    loader's workers run an epoch with nothing left, then are kept. Packing replays its read-ahead samples when it
+    starts, so the workers must carry the cursor they were given, not the replayed one: the next two epochs equal
+    fresh workers', batch for batch and cursor for cursor."""
+    cfg = config(mixture(shards, text_shards), samples_per_epoch=18, pack=True, batch_size=2, max_length=256)
+    tok = tiny_tokenizer()
+    first = build_loader(cfg, tok, rank=1, world_size=2)
+    for taken, _ in enumerate(first, 1):
+        if taken == len(first):  # the last batch is out, the epoch's end not yet applied
+            state = first.state_dict()
+    assert state["batches_in_epoch"] == state["steps_per_epoch"]
+    runs = {}
+    for persistent in (True, False):
+        loader = build_loader(replace(cfg, persistent_workers=persistent), tok, rank=1, world_size=2)
+        loader.load_state_dict(json.loads(json.dumps(state)))
+        assert list(loader) == []
+        runs[persistent] = epochs_with_cursors(loader, 2)
+        loader.close()
+    (got, cursors, pids), (expected, expected_cursors, _) = runs[True], runs[False]
+    assert len(got) == 2 * len(first) and cursors == expected_cursors and pids[0] == pids[1]
+    assert_same_batches(got, expected)
+
+
+def test_a_leftover_iteration_does_not_stop_the_workers_of_a_newer_one(shards):
+    """One batch per transfer and 6 per worker: the newer iteration's workers still have batches to make when the
+    leftover generator is finalized."""
+    cfg = config(str(shards), shuffle_buffer=3, transfer_samples=1)
+    tok = tiny_tokenizer()
+    straight = list(build_loader(cfg, tok, rank=0, world_size=1))
+    assert len(straight) == 12
+    loader = build_loader(cfg, tok, rank=0, world_size=1)
+    older = iter(loader)
+    head = [next(older)]
+    newer = iter(loader)  # continues the epoch from the cursor, with new workers
+    head.append(next(newer))
+    older.close()  # the leftover generator is finalized while the newer one runs
+    assert_same_batches(head + list(newer), straight)
