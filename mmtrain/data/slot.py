@@ -50,6 +50,8 @@ class SlotStream:
                 position = fresh_position(state["epoch"])  # a single exact source restarts with the epoch
             self.cursors.append(SourceCursor(source, i, slot, plan.num_slots, cfg.seed, cfg.mode, plan.loop,
                                              cfg.shuffle, cfg.shuffle_buffer, self.reader, position))
+        self.drop_limit = 1000 + 2 * sum(source.samples for source in sources)
+        """Skips in a row, per sample asked for, past which every sample counts as dropped (a UserError)."""
 
     def _draw(self) -> int:
         """Which source the next sample comes from: counter-based seeded draw, so the mixer's state is one int."""
@@ -68,8 +70,7 @@ class SlotStream:
         stays in step; the survivors keep their read order, so a batch is exactly the one that taking samples one
         by one gives. (With `on_error: raise` the error raised may be a later sample's, from an earlier stage.)"""
         examples: list[Example] = []
-        # skips in this call, and the limit past which every sample counts as dropped (per sample asked for)
-        dropped = [0, size * (1000 + 2 * sum(c.source.samples for c in self.cursors))]
+        dropped = [0, size * self.drop_limit]  # skips in this call, and the limit past which all count as dropped
         epoch = self.state["epoch"]
         while len(examples) < size:
             raws = [self._read(dropped) for _ in range(size - len(examples))]
@@ -81,9 +82,9 @@ class SlotStream:
                     self._skip(exc.reason, None, dropped)
                 except BadSample as exc:
                     self._skip(exc.reason, exc, dropped)
-            for raw, filler, conversation, images in rendered:
+            for raw, filler, sample, images in rendered:
                 try:
-                    examples.append(self._decode(raw, filler, conversation, images, epoch))
+                    examples.append(self._decode(raw, filler, sample, images, epoch))
                 except BadSample as exc:
                     self._skip(exc.reason, exc, dropped)
         return examples

@@ -283,7 +283,7 @@ class StreamLoader:
     def _dataloader(self, rotation: int) -> DataLoader:
         """The live persistent workers when they ran the last epoch to its end from the epoch's start (they carried
         the cursor on themselves), else a new DataLoader whose workers fork from this cursor."""
-        if self._reusable and rotation == 0 and self._workers is not None:
+        if self._reusable:  # set only by an epoch that ran from its start to its end on these workers
             self._reusable = False
             return self._workers
         self.close()
