@@ -7,10 +7,10 @@ from mmtrain.model.config import VLMConfig, num_image_slots
 from mmtrain.model.lora import (apply_stage_policy, load_adapter, parameter_counts, save_adapter, trainable_counts,
                                 trainable_parameter_groups)
 from mmtrain.model.presets import PRESETS, build_preset, preset_config, summarize, tiny_config
-from mmtrain.model.vlm import VisionLanguageModel
+from mmtrain.model.vlm import VisionLanguageModel, part_classes
 
 __all__ = [
     "PRESETS", "VLMConfig", "VisionLanguageModel", "apply_stage_policy", "build_preset", "load_adapter", "num_image_slots",
-    "parameter_counts", "preset_config", "save_adapter", "summarize", "tiny_config", "trainable_counts",
+    "parameter_counts", "part_classes", "preset_config", "save_adapter", "summarize", "tiny_config", "trainable_counts",
     "trainable_parameter_groups",
 ]

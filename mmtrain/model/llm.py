@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mmtrain.errors import UserError
 
@@ -15,6 +15,15 @@ from mmtrain.errors import UserError
 def build_text_config(config: dict[str, Any]):
     kwargs = {k: v for k, v in config.items() if k != "model_type"}
     return AutoConfig.for_model(config["model_type"], **kwargs)
+
+
+def llm_class(config: dict[str, Any]) -> type[PreTrainedModel]:
+    """The causal-LM class for a config dict, its module imported (transformers imports model code lazily)."""
+    text_config = build_text_config(config)
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
+    except KeyError:
+        raise UserError(f"LLM model_type {config['model_type']!r} has no causal-LM class in transformers") from None
 
 
 def build_llm(config: dict[str, Any]) -> PreTrainedModel:

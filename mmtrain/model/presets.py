@@ -48,7 +48,7 @@ def tiny_config(connector: str = "abstractor", llm_family: str = "llama", vision
     text: dict[str, Any] = {"model_type": llm_family, "hidden_size": hidden, "intermediate_size": 2 * hidden,
                             "num_hidden_layers": layers, "num_attention_heads": heads, "vocab_size": vocab_size,
                             "max_position_embeddings": 512, "tie_word_embeddings": False}
-    if llm_family in ("llama", "qwen2", "mistral"):
+    if llm_family in ("llama", "qwen2", "mistral", "gemma"):
         text["num_key_value_heads"] = max(heads // 2, 1)
     if llm_family == "gpt_neox":
         text.update({"rotary_pct": 1.0, "use_parallel_residual": True})

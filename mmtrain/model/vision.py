@@ -58,6 +58,11 @@ def vision_geometry(config: dict[str, Any]) -> tuple[int, bool, int]:
     return (image_size // patch_size) ** 2, has_cls, hidden
 
 
+def vision_class(config: dict[str, Any]) -> type[nn.Module]:
+    """The HF encoder class a vision config dict builds."""
+    return _family(_vision_sub_config(config)["model_type"])[0]
+
+
 def build_vision_config(config: dict[str, Any]):
     sub = _vision_sub_config(config)
     _, config_class, _ = _family(sub["model_type"])

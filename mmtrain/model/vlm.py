@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmtrain.model.config import VLMConfig
-from mmtrain.model.connectors import Connector, build_connector
+from mmtrain.model.connectors import Connector, build_connector, connector_class
 from mmtrain.model.connectors.media import build_media
-from mmtrain.model.llm import build_llm, load_llm
-from mmtrain.model.vision import VisionTower
+from mmtrain.model.llm import build_llm, llm_class, load_llm
+from mmtrain.model.vision import VisionTower, vision_class
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -179,6 +179,14 @@ class VisionLanguageModel(nn.Module):
         model = cls.from_config(VLMConfig.from_pretrained(path))
         model.load_state_dict(read_weights(path), strict=True)
         return model.to(dtype) if dtype is not None else model
+
+
+def part_classes(config: VLMConfig) -> list[type[nn.Module]]:
+    """The classes `from_config` builds for `config`'s parts, their modules imported by the look-up.
+
+    A builder that patches classes while it runs (DeepSpeed's `zero.Init`) must not be the first to import them:
+    classes defined inside it come out with the `__init__` they had before their class decorators ran."""
+    return [vision_class(config.vision_config), connector_class(config.connector), llm_class(config.text_config)]
 
 
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,8 @@ class Trainer:
         except Exception as exc:
             if self.world_size == 1:
                 raise
-            self.heartbeat.report(f"rank {self.rank} failed: {type(exc).__name__}: {exc}")
+            self.heartbeat.report(f"rank {self.rank} failed: {type(exc).__name__}: {exc}",
+                                  failure=traceback.format_exc())
             raise RankFailure(str(exc)) from exc
         self.heartbeat.close()
         return self.results

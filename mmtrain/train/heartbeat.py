@@ -174,14 +174,17 @@ class Heartbeat:
         if phase in SLOW_PHASES:  # the others, several per micro-batch, reach the file with the next stamp
             self._write()
 
-    def report(self, reason: str) -> Path:
+    def report(self, reason: str, failure: str | None = None) -> Path:
         """Write `OUT/hang-report.txt` (+ this rank's stacks) and return its path. Waits until a dead peer's stamp
-        is conclusively stale, so the report can name it."""
+        is conclusively stale, so the report can name it. `failure` is the traceback of the exception that stopped
+        this rank, when one did: the stacks alone show only where the report was written."""
         deadline = time.time() + self.stale_after + 1
         while time.time() < deadline and not silent_ranks(read_heartbeats(self.out), self.world_size,
                                                           self.stale_after):
             time.sleep(0.5)
         text = format_report(self.out, self.rank, self.world_size, reason, self.stale_after)
+        if failure:
+            text += f"\nTraceback of the failure on rank {self.rank}:\n{failure}"
         stacks = self.out / f"hang-stacks-rank-{self.rank}.txt"
         with open(stacks, "w", encoding="utf-8") as f:
             faulthandler.dump_traceback(file=f, all_threads=True)

@@ -19,7 +19,7 @@ from mmtrain.errors import UserError
 from mmtrain.model import VisionLanguageModel, VLMConfig, apply_stage_policy, preset_config
 from mmtrain.model.lora import trainable_parameter_groups
 from mmtrain.model.vlm import WEIGHTS_NAME, read_weights
-from mmtrain.train.zero import load_into
+from mmtrain.train.zero import load_into, partitioned_build
 
 
 def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
@@ -89,9 +89,7 @@ def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, 
     LoRA layers are injected after the partitioned build and before `deepspeed.initialize`, from the same seed on
     every rank, so all ranks start from identical adapters (DeepSpeed partitions them at initialize).
     """
-    import deepspeed
-
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3), _no_init_weights():
+    with partitioned_build(config, ds_config, zero3), _no_init_weights():
         model = VisionLanguageModel.from_config(config, pretrained=False)  # weights come from `state` below
     missing = load_into(model, state or {}, rank, zero3)
     if (rank == 0 or not zero3) and missing:

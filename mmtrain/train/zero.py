@@ -1,4 +1,5 @@
-"""The one ZeRO-3 gather helper (and its inverse): full parameters when a whole tensor is needed.
+"""The ZeRO-3 helpers: building a model partitioned, and the one gather helper (and its inverse) for when a whole
+tensor is needed.
 
 Under ZeRO-3 each rank holds a slice of every parameter; these helpers gather one module's own parameters at a time,
 so no rank ever needs the whole model at once. For ZeRO-0/1/2 (or no DeepSpeed) they are plain reads and writes.
@@ -6,10 +7,13 @@ so no rank ever needs the whole model at once. For ZeRO-0/1/2 (or no DeepSpeed) 
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+from mmtrain.model import VLMConfig, part_classes
 
 
 def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
@@ -59,3 +63,43 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], rank: int, zero3
                     else:
                         missing.append(name)
     return missing
+
+
+def _module_classes() -> set[type]:
+    found: set[type] = set()
+    stack = [nn.Module]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                stack.append(sub)
+    return found
+
+
+@contextmanager
+def partitioned_build(config: VLMConfig, ds_config: dict[str, Any] | None, enabled: bool) -> Iterator[None]:
+    """`deepspeed.zero.Init` around building a model of `config`, its classes imported first.
+
+    While active, DeepSpeed wraps `__init__` of every `nn.Module` subclass, classes defined meanwhile included, and
+    on exit puts back the `__init__` it found. A class first defined inside gets its wrapper before its class
+    decorators run, so on exit it loses what they added (transformers' kernel hooks: the next model built from it
+    lacks `_kernel_funcs`). Hence the model's classes are imported before entering, and on exit a class defined
+    inside whose `__init__` did not come back to its own is refused by name, instead of breaking the next build.
+    """
+    import deepspeed
+
+    if not enabled:
+        yield
+        return
+    part_classes(config)  # the look-up imports them
+    known = _module_classes()
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=True):
+        yield
+        inside = {cls: cls.__dict__.get("__init__") for cls in _module_classes() - known}
+    broken = [cls for cls, init in inside.items()
+              if cls.__dict__.get("__init__") is not getattr(init, "__wrapped__", init)]
+    if broken:
+        names = ", ".join(sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in broken))
+        raise RuntimeError(f"{names}: first defined while deepspeed.zero.Init was active, and leaving it dropped what "
+                           "their class decorators added to __init__; import them before the partitioned build "
+                           "(mmtrain.model.part_classes names a model's classes)")
