@@ -51,27 +51,15 @@ def check_ds_config(ctx: Context) -> Check:
 
 
 def check_deepspeed(ctx: Context) -> Check:
-    """deepspeed imports, meets setup.cfg's pin, its accelerator is the device we train on, and the compiled ops the
-    configs need are compatible (`.load()`, a JIT build, only with build_ops). The trainer hands DeepSpeed a torch
+    """deepspeed imports, its accelerator is the device we train on, and the compiled ops the configs need are compatible (`.load()`, a JIT build, only with build_ops). The trainer hands DeepSpeed a torch
     AdamW, so FusedAdam / CPUAdam are never used; the only op a config can need is async_io (NVMe offload)."""
     try:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
     except Exception as exc:  # noqa: BLE001 — any import failure means the trainer cannot start
-        return Check("deepspeed", "FAIL", f"import deepspeed failed: {exc}; pip install 'deepspeed>=0.14'")
+        return Check("deepspeed", "FAIL", f"import deepspeed failed: {exc}; pip install -c constraints.txt -e .")
     problems: list[tuple[str, str]] = []
     version = str(deepspeed.__version__)
-    try:
-        from importlib.metadata import requires
-
-        from packaging.requirements import Requirement
-
-        pins = [Requirement(r) for r in requires("mmtrain") or [] if r.startswith("deepspeed")]
-        for pin in pins:
-            if not pin.specifier.contains(version, prereleases=True):
-                problems.append(("FAIL", f"deepspeed {version} does not satisfy mmtrain's {pin}"))
-    except Exception:  # noqa: BLE001 — not installed as a distribution (source checkout): no pin to compare
-        pass
     accelerator = get_accelerator().device_name()
     if accelerator != ctx.device_type:
         problems.append(("FAIL", f"deepspeed's accelerator is {accelerator!r} but training runs on "
@@ -121,3 +109,17 @@ def check_device(ctx: Context) -> Check:
             problems.append(("FAIL", "fp16 training is not supported on CPU; set precision: fp32 or bf16"))
         where = "cpu"
     return row("device & backend", problems, f"{where}, {backend}, {ctx.precision}")
+
+
+def check_versions(ctx: Context) -> Check:
+    """The versions of torch, transformers, peft, deepspeed and webdataset, each against the range mmtrain declares
+    (the tested one, see mmtrain/versions.py): outside it, a WARN naming the library, its version and the range."""
+    from mmtrain.versions import library_versions
+
+    libraries = library_versions()
+    problems = [("WARN", f"{lib.name} {lib.installed or 'not installed'} is outside the tested range "
+                         f"{lib.tested_text}") for lib in libraries if not lib.within]
+    listed = ", ".join(f"{lib.name} {lib.installed or '-'}" for lib in libraries)
+    if problems:
+        problems.append(("WARN", f"installed: {listed}; the tested set: pip install -c constraints.txt -e ."))
+    return row("versions", problems, f"{listed}: all within the tested ranges")

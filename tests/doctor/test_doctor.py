@@ -16,7 +16,7 @@ from mmtrain.doctor import Check, failures, format_table, run_checks
 from mmtrain.model import preset_config
 
 ROWS = ["shards", "shard count", "tokenizer", "vocabulary", "sequence length", "model paths", "stages",
-        "deepspeed config", "deepspeed", "device & backend", "disk space"]
+        "deepspeed config", "deepspeed", "versions", "device & backend", "disk space"]
 GOOD_WARNS: set[str] = set()  # tiny-cpu (17 slots per image) fits max_length on the tiny shards: nothing to warn
 """The tiny recipe's only WARN: a few probed samples are longer than max_length 192 and get truncated."""
 
