@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,20 @@ def test_heartbeat_file_is_whole_json_after_close(tmp_path: Path) -> None:
     beat.phase("data", stage="lm", stage_index=0, step=1)
     beat.close()
     assert read_heartbeats(tmp_path)[3]["phase"] == "done"
+
+
+def test_a_failed_ranks_report_carries_its_traceback(tmp_path: Path) -> None:
+    beat = Heartbeat(tmp_path, rank=1, world_size=1, hang_timeout_s=60)
+    try:
+        raise AttributeError("'LlamaAttention' object has no attribute '_kernel_funcs'")
+    except AttributeError:
+        beat.report("rank 1 failed: AttributeError", failure=traceback.format_exc())
+    beat.close()
+    report = (tmp_path / "hang-report-rank-1.txt").read_text()
+    head, rest = report.split("\nTraceback of the failure on rank 1:\nTraceback (most recent call last):\n")
+    assert head.startswith("mmtrain hang report, written by rank 1")
+    assert "in test_a_failed_ranks_report_carries_its_traceback" in rest.split("Python stacks of rank 1")[0]
+    assert "AttributeError: 'LlamaAttention' object has no attribute '_kernel_funcs'\n" in rest
 
 
 def test_nonfinite_guard_skips_then_stops_after_k_in_a_row() -> None:
