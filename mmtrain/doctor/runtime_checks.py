@@ -51,8 +51,10 @@ def check_ds_config(ctx: Context) -> Check:
 
 
 def check_deepspeed(ctx: Context) -> Check:
-    """deepspeed imports, its accelerator is the device we train on, and the compiled ops the configs need are compatible (`.load()`, a JIT build, only with build_ops). The trainer hands DeepSpeed a torch
-    AdamW, so FusedAdam / CPUAdam are never used; the only op a config can need is async_io (NVMe offload)."""
+    """deepspeed imports, its accelerator is the device we train on, and the compiled ops the configs need are
+    compatible (`.load()`, a JIT build, only with build_ops); its version is the `versions` row's. The trainer hands
+    DeepSpeed a torch AdamW, so FusedAdam / CPUAdam are never used; the only op a config can need is async_io (NVMe
+    offload)."""
     try:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
