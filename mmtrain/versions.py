@@ -21,27 +21,32 @@ WATCHED = ("torch", "transformers", "peft", "deepspeed", "webdataset")
 _SETUP_CFG = Path(__file__).resolve().parents[1] / "setup.cfg"
 
 
-def _requirement_lines() -> list[str]:
-    """install_requires of a source checkout's setup.cfg (it may be newer than the installed metadata), else of the
-    installed distribution."""
-    if _SETUP_CFG.is_file():
-        config = configparser.ConfigParser()
-        config.read(_SETUP_CFG, encoding="utf-8")
-        if config.has_option("options", "install_requires"):
-            return [line.strip() for line in config["options"]["install_requires"].splitlines() if line.strip()]
+def setup_cfg_requirements(extras: tuple[str, ...] = ()) -> list[Requirement]:
+    """install_requires (and the named extras) of the source checkout's setup.cfg; [] outside a checkout."""
+    if not _SETUP_CFG.is_file():
+        return []
+    config = configparser.ConfigParser()
+    config.read(_SETUP_CFG, encoding="utf-8")
+    blocks = [config.get("options", "install_requires", fallback="")]
+    blocks += [config.get("options.extras_require", extra) for extra in extras]
+    return [Requirement(line.strip()) for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def _requirements() -> list[Requirement]:
+    """A source checkout's setup.cfg (it may be newer than the installed metadata), else the installed
+    distribution's."""
+    from_checkout = setup_cfg_requirements()
+    if from_checkout:
+        return from_checkout
     try:
-        return [line for line in metadata.requires("mmtrain") or [] if "extra ==" not in line]
+        return [Requirement(line) for line in metadata.requires("mmtrain") or [] if "extra ==" not in line]
     except metadata.PackageNotFoundError:
         return []
 
 
 def declared_ranges() -> dict[str, SpecifierSet]:
     """Distribution name (normalised to lower case) → the version range mmtrain declares for it."""
-    ranges = {}
-    for line in _requirement_lines():
-        requirement = Requirement(line)
-        ranges[requirement.name.lower()] = requirement.specifier
-    return ranges
+    return {requirement.name.lower(): requirement.specifier for requirement in _requirements()}
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,8 @@ that matter and warns outside the ranges, and the lock sits inside them."""
 
 from __future__ import annotations
 
-import configparser
 from importlib import metadata
 
-from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from doctor_helpers import REPO
@@ -15,11 +13,8 @@ from mmtrain.doctor.context import Context
 from mmtrain.doctor.runtime_checks import check_versions
 
 
-def setup_cfg_requirements() -> list[Requirement]:
-    config = configparser.ConfigParser()
-    config.read(REPO / "setup.cfg")
-    lines = [config["options"]["install_requires"]] + list(config["options.extras_require"].values())
-    return [Requirement(line.strip()) for block in lines for line in block.splitlines() if line.strip()]
+def setup_cfg_requirements():
+    return versions.setup_cfg_requirements(extras=("test", "gpu"))
 
 
 def test_every_direct_dependency_has_one_floor_and_one_upper_bound() -> None:
