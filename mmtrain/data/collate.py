@@ -10,8 +10,8 @@ Batch contract (what the trainer consumes; `train.runtime.model_inputs` turns it
 - `filler` bool [num_samples]: samples repeated only to keep ranks in step (see docs/loader.md)
 - packed batches add `position_ids` [B, T] (restart at 0 per sample), `segment_ids` [B, T] (1, 2, … per sample in
   its row, 0 on padding), `cu_seqlens` int32 [num_samples + 1] over the rows' real tokens laid end to end and
-  `max_seqlen`. `block_causal_mask(segment_ids)` turns segment ids into the 4D additive mask eager/sdpa attention
-  takes; flash-attention varlen takes `cu_seqlens` directly. No sample ever attends to another.
+  `max_seqlen`. The model turns segment ids into the document mask its attention takes (`mmtrain.model.attention`:
+  a dense 4D mask for sdpa, a BlockMask for flex, boundaries for varlen). No sample ever attends to another.
 """
 
 from __future__ import annotations
@@ -186,19 +186,6 @@ def pack(examples: list[Example], pad_id: int, image_shape: tuple[int, int, int]
     """Concatenate samples into as few rows of `max_length` as fit; positions restart and attention stays within
     each sample. The first label of every sample is masked so no sample learns from its predecessor's last token."""
     return to_torch(pack_arrays(examples, pad_id, image_shape, max_length, pad_to_multiple))
-
-
-def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, T] segment ids → [B, 1, T, T] additive mask: 0 where a token may attend (same sample, not in the
-    future), the dtype's minimum elsewhere. Padding attends only to itself so no row is all-masked (no NaN)."""
-    t = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = same & causal & (segment_ids[:, :, None] > 0)
-    allowed |= torch.eye(t, dtype=torch.bool, device=segment_ids.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
 
 
 def padding_waste(batch: dict) -> tuple[int, int]:

@@ -6,6 +6,8 @@
 
 Batch contract (from the data side): input_ids / attention_mask / labels [B, T]; pixel_values [N_img, 3, H, W]
 (N_img may be 0); image_slots [N_img, 2] long = (sample index, start position) in the order of pixel_values.
+Packed rows add position_ids (restarting per sample) and segment_ids [B, T] (1, 2, … per sample, 0 on padding): the
+model turns them into the document mask its attention implementation takes (`mmtrain.model.attention`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmtrain.model.attention import packed_attention_inputs, set_attention
 from mmtrain.model.config import VLMConfig
 from mmtrain.model.connectors import Connector, build_connector, connector_class
 from mmtrain.model.connectors.media import build_media
@@ -45,7 +48,13 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision
         self.connector = connector
         self.llm = llm
+        self.attention = "sdpa"
         connector.attach(llm)
+
+    def set_attention(self, implementation: str) -> None:
+        """Self-attention of the LLM: sdpa (dense masks) | flex | flash_varlen (see `mmtrain.model.attention`)."""
+        set_attention(self.llm, implementation)
+        self.attention = implementation
 
     # ---- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -140,12 +149,17 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_slots: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False,
-                reuse_media: bool = False) -> Any:
-        """LM loss (mean over labels != -100, HF's shift) and logits; `position_ids` pass through (packing)."""
+                reuse_media: bool = False, segment_ids: torch.Tensor | None = None) -> Any:
+        """LM loss (mean over labels != -100, HF's shift) and logits. Packed rows pass `segment_ids` (and
+        `position_ids`): attention then stays within each sample, whatever `attention_mask` says."""
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         embeds = self.prepare_inputs(input_ids, pixel_values, image_slots, past_length, reuse_media, position_ids)
+        packed: dict[str, Any] = {}
+        if segment_ids is not None:
+            packed = packed_attention_inputs(self.attention, segment_ids.to(embeds.device), embeds.dtype)
+            attention_mask = packed.pop("attention_mask")
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=use_cache)
+                        past_key_values=past_key_values, use_cache=use_cache, **packed)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:

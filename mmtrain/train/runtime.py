@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_slots", "position_ids")
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_slots", "position_ids", "segment_ids")
 
 
 def quiet_libraries() -> None:
@@ -78,10 +78,6 @@ def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype
     the device as they are (4× fewer bytes than float) and are normalized there with the batch's `pixel_norm`
     (mean, std), then cast to `dtype`; the model gets the same normalized pixels as before the move, exactly."""
     inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
-    if "segment_ids" in batch and "position_ids" in inputs:  # packed rows: attention stays within each sample
-        from mmtrain.data.collate import block_causal_mask
-
-        inputs["attention_mask"] = block_causal_mask(batch["segment_ids"], dtype)
     out = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in out:
         pixels = out["pixel_values"]

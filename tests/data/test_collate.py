@@ -3,7 +3,8 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmtrain.data.collate import Example, block_causal_mask, collate, pack, pack_rows, padding_waste
+from mmtrain.model.attention import dense_document_mask
+from mmtrain.data.collate import Example, collate, pack, pack_rows, padding_waste
 
 SHAPE = (3, 4, 4)
 
@@ -58,7 +59,7 @@ def test_packed_logits_equal_each_sample_alone():
         model = LlamaForCausalLM(cfg).eval()
         with torch.no_grad():
             packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                           attention_mask=block_causal_mask(batch["segment_ids"])).logits
+                           attention_mask=dense_document_mask(batch["segment_ids"])).logits
             seg = batch["segment_ids"]
             checked = 0
             for row in range(seg.shape[0]):
@@ -72,8 +73,8 @@ def test_packed_logits_equal_each_sample_alone():
             assert not torch.isnan(packed).any()
 
 
-def test_block_causal_mask_values():
-    m = block_causal_mask(torch.tensor([[1, 1, 2, 0]]))
+def test_dense_document_mask_values():
+    m = dense_document_mask(torch.tensor([[1, 1, 2, 0]]))
     allowed = (m[0, 0] == 0).int().tolist()
     assert allowed == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmtrain.data.collate import block_causal_mask
+from mmtrain.model.attention import dense_document_mask
 
 from vlm_helpers import make_batch, make_model, set_gates
 
@@ -24,7 +24,7 @@ def test_packed_row_equals_each_sample_alone_with_open_gates(connector: str) -> 
         alone_a = model(input_ids=first["input_ids"], pixel_values=first["pixel_values"],
                         image_slots=first["image_slots"]).logits
         alone_b = model(input_ids=second["input_ids"]).logits
-        packed = model(input_ids=packed_ids, attention_mask=block_causal_mask(segments), position_ids=position_ids,
+        packed = model(input_ids=packed_ids, attention_mask=dense_document_mask(segments), position_ids=position_ids,
                        pixel_values=first["pixel_values"], image_slots=first["image_slots"]).logits
     torch.testing.assert_close(packed[:, :len_a], alone_a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, len_a:], alone_b, atol=1e-5, rtol=1e-5)

@@ -33,14 +33,13 @@ class MediaState:
             raise RuntimeError("MediaState.token_positions is unset: the VLM sets it before each LLM call")
         batch, num_media, length, _ = self.tokens.shape
         visible = self.positions[:, None, :] <= self.token_positions[:, :, None]  # [B, T, M]
+        if immediate_only:  # images are sorted by position: the latest one before a token is the last visible
+            index = torch.arange(num_media, device=visible.device)
+            visible = visible & (index[None, None, :] == (visible.sum(-1) - 1)[:, :, None])
         if self.segment_starts is not None:  # packing: never an image of an earlier sample in the same row
             visible &= self.positions[:, None, :] >= self.segment_starts[:, :, None]
-        count = visible.sum(-1)  # images are sorted by position, so the visible ones are the first `count`
-        if immediate_only:
-            index = torch.arange(num_media, device=visible.device)
-            visible = visible & (index[None, None, :] == (count - 1)[:, :, None])
         mask = visible[..., None].expand(*visible.shape, length).reshape(batch, -1, num_media * length)
-        has_media = (count > 0).to(self.tokens.dtype)[..., None]
+        has_media = visible.any(-1).to(self.tokens.dtype)[..., None]
         return mask, has_media
 
 
