@@ -191,6 +191,12 @@ class Recipe:
     kernels: str = "plain"
     """plain | liger: liger-kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy on the LLM (`pip install
     mmtrain[gpu]`; GPU only — elsewhere, or when absent, a warning and the plain modules)."""
+    attention: str = "auto"
+    """Self-attention over packed rows: auto (flex on CUDA, else sdpa) | sdpa (dense T×T masks) | flex (torch
+    flex_attention, block-skipping; CUDA for training) | flash_varlen (variable-length flash attention; on CPU one
+    call per document). See docs/train.md, Attention."""
+    compile: bool = False
+    """torch.compile each LLM decoder block (regional: one compiled graph reused by every block)."""
     seed: int = 0
     faults: FaultSpec = field(default_factory=FaultSpec)
     peak_tflops: float | None = None
@@ -201,6 +207,8 @@ class Recipe:
             raise UserError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.kernels not in ("plain", "liger"):
             raise UserError(f"kernels must be plain or liger, not {self.kernels!r}")
+        if self.attention not in ("auto", "sdpa", "flex", "flash_varlen"):
+            raise UserError(f"attention must be auto, sdpa, flex or flash_varlen, not {self.attention!r}")
         self.checkpointing()
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):

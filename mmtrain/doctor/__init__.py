@@ -18,7 +18,8 @@ from mmtrain.doctor.data_checks import check_shard_count, check_shards
 from mmtrain.doctor.length_checks import check_sequence_length
 from mmtrain.doctor.model_checks import check_disk, check_model_paths
 from mmtrain.doctor.report import Check, failures, format_table
-from mmtrain.doctor.runtime_checks import check_deepspeed, check_device, check_ds_config, check_versions
+from mmtrain.doctor.runtime_checks import (check_attention, check_deepspeed, check_device, check_ds_config,
+                                          check_versions)
 from mmtrain.doctor.stage_checks import check_stages
 from mmtrain.doctor.tokenizer_checks import check_tokenizer, check_vocabulary
 
@@ -32,6 +33,7 @@ CHECKS: list[tuple[str, Callable[[Context], Check]]] = [
     ("stages", check_stages),
     ("deepspeed config", check_ds_config),
     ("deepspeed", check_deepspeed),
+    ("attention", check_attention),
     ("versions", check_versions),
     ("device & backend", check_device),
     ("disk space", check_disk),

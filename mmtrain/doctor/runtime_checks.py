@@ -125,3 +125,24 @@ def check_versions(ctx: Context) -> Check:
     if problems:
         problems.append(("WARN", f"installed: {listed}; the tested set: pip install -c constraints.txt -e ."))
     return row("versions", problems, f"{listed}: all within the tested ranges")
+
+
+def check_attention(ctx: Context) -> Check:
+    """The recipe's `attention:` can run on this device (flex trains on CUDA only; varlen needs torch's kernel on
+    CUDA), and `compile: true` meets no ZeRO-3 stage (torch.compile cannot trace ZeRO-3's gathering hooks)."""
+    from mmtrain.errors import UserError
+    from mmtrain.model.attention import resolve_attention
+
+    problems: list[tuple[str, str]] = []
+    try:
+        chosen = resolve_attention(ctx.recipe.attention, ctx.device_type)
+    except UserError as exc:
+        problems.append(("FAIL", str(exc)))
+        chosen = "?"
+    if ctx.recipe.compile:
+        for where, config, _ in stage_ds_configs(ctx):
+            if config is not None and int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
+                problems.append(("FAIL", f"{where}: compile: true needs ZeRO stage 0-2, its config is ZeRO-3 "
+                                         f"(use ds_configs/zero2.json there or compile: false)"))
+    compiled = "decoder blocks compiled" if ctx.recipe.compile else "eager"
+    return row("attention", problems, f"{ctx.recipe.attention} → {chosen} on {ctx.device_type}, {compiled}")

@@ -24,6 +24,7 @@ from mmtrain.data.stream import LoaderConfig, build_loader
 from mmtrain.data.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, num_image_slots
+from mmtrain.model.attention import resolve_attention
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import preemption
 from mmtrain.train.flops import FlopModel, batch_lengths, peak_flops, stage_flop_model
@@ -105,6 +106,7 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed(self.faults.collective_timeout(device_type))
         self.heartbeat = Heartbeat(self.out, self.rank, self.world_size, self.faults.hang_timeout(device_type))
         self.precision = resolve_precision(recipe.precision, self.device.type)
+        self.attention = resolve_attention(recipe.attention, self.device.type)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.peak = peak_flops(self.device, self.precision, recipe.peak_tflops)
         if not recipe.tokenizer:
@@ -229,7 +231,7 @@ class Trainer:
         state = self._starting_weights(index) if self.rank == 0 or not zero3 else None
         model, trainable = build_stage_model(self.config, stage, ds_config, zero3, state, self.rank,
                                              self.recipe.seed + index, self.recipe.checkpointing(),
-                                             self.recipe.kernels)
+                                             self.recipe.kernels, self.attention, self.recipe.compile)
         del state
         optimizer, scheduler, group_names = optimizer_and_schedule(model, stage)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -252,10 +254,11 @@ class Trainer:
         result = StageResult(stage.name, run.trainable, nonfinite_steps=run.nonfinite_steps)
         self.results.append(result)
         self.metrics.print(f"stage {stage.name}: trainable {run.trainable}, ZeRO-{run.zero_stage}, {self.precision}, "
-                           f"{self.world_size} rank(s), global batch {stage.global_batch(self.world_size)}")
+                           f"attention {self.attention}, {self.world_size} rank(s), global batch {stage.global_batch(self.world_size)}")
         self.metrics.stage_event({"stage": stage.name, "stage_index": index, "start_step": run.step,
                                   "trainable": run.trainable, "zero_stage": run.zero_stage,
-                                  "precision": self.precision, "world_size": self.world_size})
+                                  "precision": self.precision, "attention": self.attention,
+                                  "compile": self.recipe.compile, "world_size": self.world_size})
         self.metrics.start_stage(stage.name, stage.steps, run.step)
         finished = self._loop(run, result)
         if finished:

@@ -17,6 +17,7 @@ import torch
 from mmtrain.config import Recipe, StageSpec
 from mmtrain.errors import UserError
 from mmtrain.model import VisionLanguageModel, VLMConfig, apply_stage_policy, preset_config
+from mmtrain.model.compile import compile_decoder_blocks
 from mmtrain.model.lora import trainable_parameter_groups
 from mmtrain.model.vlm import WEIGHTS_NAME, read_weights
 from mmtrain.train.zero import load_into, partitioned_build
@@ -82,9 +83,10 @@ def _no_init_weights():
 
 def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, Any] | None, zero3: bool,
                       state: dict[str, torch.Tensor] | None, rank: int, seed: int,
-                      checkpointing: dict[str, bool], kernels: str = "plain"
-                      ) -> tuple[VisionLanguageModel, dict[str, int]]:
+                      checkpointing: dict[str, bool], kernels: str = "plain", attention: str = "sdpa",
+                      compile_blocks: bool = False) -> tuple[VisionLanguageModel, dict[str, int]]:
     """Build (partitioned under ZeRO-3), load `state` (needed on rank 0 only under ZeRO-3), apply the freeze policy.
+    `attention` is a resolved implementation (`mmtrain.model.attention.resolve_attention`).
 
     LoRA layers are injected after the partitioned build and before `deepspeed.initialize`, from the same seed on
     every rank, so all ranks start from identical adapters (DeepSpeed partitions them at initialize).
@@ -97,13 +99,26 @@ def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, 
     enable_checkpointing(model, checkpointing)
     if kernels == "liger":
         apply_liger(model)
+    model.set_attention(attention)
     torch.manual_seed(seed)
     counts = apply_stage_policy(model, vision=stage.train.vision, connector=stage.train.connector,
                                 llm=stage.train.llm, lora_roles=stage.lora.roles, r=stage.lora.r,
                                 alpha=stage.lora.alpha, dropout=stage.lora.dropout)
     if not any(counts.values()):
         raise UserError(f"stage {stage.name!r} trains nothing (vision, connector and llm all frozen)")
+    if compile_blocks:
+        check_compile(stage, zero3)
+        compile_decoder_blocks(model.llm)
     return model, counts
+
+
+def check_compile(stage: StageSpec, zero3: bool) -> None:
+    """`compile: true` runs under ZeRO stages 0-2 only: ZeRO-3 gathers parameters in module hooks that
+    torch.compile cannot trace (pytorch issue #115484)."""
+    if zero3:
+        raise UserError(f"stage {stage.name!r}: compile: true needs ZeRO stage 0-2, and {stage.deepspeed} is ZeRO-3 "
+                        "(torch.compile cannot trace its parameter-gathering hooks); use ds_configs/zero2.json there "
+                        "or compile: false")
 
 
 def enable_checkpointing(model: VisionLanguageModel, parts: dict[str, bool]) -> None:

@@ -16,7 +16,7 @@ from mmtrain.doctor import Check, failures, format_table, run_checks
 from mmtrain.model import preset_config
 
 ROWS = ["shards", "shard count", "tokenizer", "vocabulary", "sequence length", "model paths", "stages",
-        "deepspeed config", "deepspeed", "versions", "device & backend", "disk space"]
+        "deepspeed config", "deepspeed", "attention", "versions", "device & backend", "disk space"]
 GOOD_WARNS: set[str] = set()  # tiny-cpu (17 slots per image) fits max_length on the tiny shards: nothing to warn
 """The tiny recipe's only WARN: a few probed samples are longer than max_length 192 and get truncated."""
 
@@ -93,6 +93,15 @@ def test_a_deepspeed_micro_batch_disagreeing_with_the_recipe_fails(doctor_data, 
     assert failed.name == "deepspeed config"
     assert "stage 'instruct'" in failed.detail and str(path) in failed.detail
     assert "train_micro_batch_size_per_gpu is 2 but the recipe gives 16" in failed.detail  # instruct inherits pretrain's 16
+
+
+def test_flex_training_on_cpu_and_compile_under_zero3_fail_the_attention_row(doctor_data, tmp_path):
+    raw = {**tiny_recipe(doctor_data), "attention": "flex", "compile": True}
+    failed = only_failure(checks_of(raw, tmp_path))
+    assert failed.name == "attention"
+    assert "backward only on CUDA" in failed.detail
+    assert failed.detail.count("compile: true needs ZeRO stage 0-2") == 3  # all three tiny-cpu stages are ZeRO-3
+    assert checks_of(tiny_recipe(doctor_data), tmp_path)["attention"].detail == "auto → sdpa on cpu, eager"
 
 
 def _part_dirs(tmp_path: Path, llm_hidden: int) -> tuple[Path, Path]:

@@ -56,6 +56,10 @@ def test_unknown_keys_and_bad_values_name_where() -> None:
         recipe_from_dict({"name": "r", "stages": [{"name": "a", "data": ["x"], "train": {"llm": "half"}}]})
     with pytest.raises(UserError, match="needs lora.roles"):
         recipe_from_dict({"name": "r", "stages": [{"name": "a", "data": ["x"], "train": {"llm": "lora"}}]})
+    with pytest.raises(UserError, match="attention must be auto, sdpa, flex or flash_varlen, not 'flash'"):
+        recipe_from_dict({"name": "r", "attention": "flash", "stages": [{"name": "a", "data": ["x"]}]})
+    defaults = recipe_from_dict({"name": "r", "stages": [{"name": "a", "data": ["x"]}]})
+    assert (defaults.attention, defaults.compile) == ("auto", False)
 
 
 def test_explicit_deepspeed_values_must_agree_with_the_recipe(tmp_path: Path) -> None:
