@@ -134,15 +134,17 @@ def check_attention(ctx: Context) -> Check:
     from mmtrain.model.attention import resolve_attention
 
     problems: list[tuple[str, str]] = []
-    try:
-        chosen = resolve_attention(ctx.recipe.attention, ctx.device_type)
-    except UserError as exc:
-        problems.append(("FAIL", str(exc)))
-        chosen = "?"
+    chosen = set()
+    for stage in ctx.recipe.stages:
+        try:
+            chosen.add(resolve_attention(ctx.recipe.attention, ctx.device_type, packed=stage.pack))
+        except UserError as exc:
+            problems.append(("FAIL", str(exc)))
+            break
     if ctx.recipe.compile:
         for where, config, _ in stage_ds_configs(ctx):
             if config is not None and int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
                 problems.append(("FAIL", f"{where}: compile: true needs ZeRO stage 0-2, its config is ZeRO-3 "
                                          f"(use ds_configs/zero2.json there or compile: false)"))
     compiled = "decoder blocks compiled" if ctx.recipe.compile else "eager"
-    return row("attention", problems, f"{ctx.recipe.attention} → {chosen} on {ctx.device_type}, {compiled}")
+    return row("attention", problems, f"{ctx.recipe.attention} → {'/'.join(sorted(chosen))} on {ctx.device_type}, {compiled}")

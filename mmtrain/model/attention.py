@@ -9,7 +9,8 @@ its own document, and padding only to itself:
   the work grows with the documents' own lengths. CUDA compiles it (Triton); elsewhere it runs torch's reference math.
 - `flash_varlen`: variable-length flash attention over `cu_seqlens` (torch's `varlen_attn`; on a CPU, the same
   boundaries through one causal sdpa call per document, so the path can be checked anywhere).
-- `auto`: `flex` on CUDA where torch has it, else `sdpa`.
+- `auto`: `flex` for packed stages on CUDA where torch has it, else `sdpa` (unpacked rows hold one document each,
+  and sdpa's fused kernels skip their padding already).
 
 Both block-skipping kinds are registered as transformers attention functions (`mmtrain_flex`, `mmtrain_varlen`), so
 every HF decoder family runs them through its own attention modules, with GQA; unpacked batches (eval, generation)
@@ -51,12 +52,13 @@ def varlen_unavailable(device_type: str) -> str | None:
     return None
 
 
-def resolve_attention(choice: str, device_type: str, training: bool = True) -> str:
-    """The implementation a recipe's `attention:` runs on `device_type`; refuses one that cannot run, saying why."""
+def resolve_attention(choice: str, device_type: str, training: bool = True, packed: bool = True) -> str:
+    """The implementation a recipe's `attention:` runs on `device_type` (for a packed stage or not); refuses one
+    that cannot run, saying why."""
     if choice not in CHOICES:
         raise UserError(f"attention must be one of {', '.join(CHOICES)}, not {choice!r}")
     if choice == "auto":
-        return "flex" if device_type == "cuda" and flex_unavailable() is None else "sdpa"
+        return "flex" if packed and device_type == "cuda" and flex_unavailable() is None else "sdpa"
     if choice == "flex":
         reason = flex_unavailable()
         if reason is None and training and device_type != "cuda":

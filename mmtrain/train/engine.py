@@ -81,6 +81,7 @@ class StageEngine:
     zero_stage: int
     nonfinite_steps: list[int] = field(default_factory=list)
     flops: FlopModel | None = None
+    attention: str = "sdpa"
 
 
 class _Preemption:
@@ -106,7 +107,6 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed(self.faults.collective_timeout(device_type))
         self.heartbeat = Heartbeat(self.out, self.rank, self.world_size, self.faults.hang_timeout(device_type))
         self.precision = resolve_precision(recipe.precision, self.device.type)
-        self.attention = resolve_attention(recipe.attention, self.device.type)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.peak = peak_flops(self.device, self.precision, recipe.peak_tflops)
         if not recipe.tokenizer:
@@ -229,9 +229,10 @@ class Trainer:
         zero3 = zero_stage(ds_config) == 3
         # Frozen weights are the stage's starting weights; a resumed checkpoint then restores everything that trains.
         state = self._starting_weights(index) if self.rank == 0 or not zero3 else None
+        attention = resolve_attention(self.recipe.attention, self.device.type, packed=stage.pack)
         model, trainable = build_stage_model(self.config, stage, ds_config, zero3, state, self.rank,
                                              self.recipe.seed + index, self.recipe.checkpointing(),
-                                             self.recipe.kernels, self.attention, self.recipe.compile)
+                                             self.recipe.kernels, attention, self.recipe.compile)
         del state
         optimizer, scheduler, group_names = optimizer_and_schedule(model, stage)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -246,7 +247,7 @@ class Trainer:
             loader.load_state_dict(ckpt.read_rank_state(ref.path, self.rank))
             step, nonfinite = ref.step, list((client or {}).get("nonfinite_steps", []))
         return StageEngine(engine, loader, stage, index, step, trainable, group_names, zero_stage(ds_config),
-                           nonfinite, flop_model)
+                           nonfinite, flop_model, attention)
 
     def _run_stage(self, index: int, ref: ckpt.CheckpointRef | None) -> bool:
         run = self.build_engine(index, ref)
@@ -254,10 +255,10 @@ class Trainer:
         result = StageResult(stage.name, run.trainable, nonfinite_steps=run.nonfinite_steps)
         self.results.append(result)
         self.metrics.print(f"stage {stage.name}: trainable {run.trainable}, ZeRO-{run.zero_stage}, {self.precision}, "
-                           f"attention {self.attention}, {self.world_size} rank(s), global batch {stage.global_batch(self.world_size)}")
+                           f"attention {run.attention}, {self.world_size} rank(s), global batch {stage.global_batch(self.world_size)}")
         self.metrics.stage_event({"stage": stage.name, "stage_index": index, "start_step": run.step,
                                   "trainable": run.trainable, "zero_stage": run.zero_stage,
-                                  "precision": self.precision, "attention": self.attention,
+                                  "precision": self.precision, "attention": run.attention,
                                   "compile": self.recipe.compile, "world_size": self.world_size})
         self.metrics.start_stage(stage.name, stage.steps, run.step)
         finished = self._loop(run, result)

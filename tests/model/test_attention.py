@@ -172,6 +172,7 @@ def test_dense_document_mask_lets_padding_see_only_itself():
 def test_attention_choice_is_resolved_or_refused_with_the_reason():
     assert resolve_attention("auto", "cpu") == "sdpa"
     assert resolve_attention("auto", "cuda") == "flex"
+    assert resolve_attention("auto", "cuda", packed=False) == "sdpa"
     assert resolve_attention("flash_varlen", "cpu") == "flash_varlen"
     assert resolve_attention("flex", "cpu", training=False) == "flex"
     with pytest.raises(UserError, match="backward only on CUDA"):
