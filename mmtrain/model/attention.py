@@ -145,7 +145,7 @@ def _flex_kernel(device_type: str) -> Any:
     if device_type != "cuda":
         return flex_attention
     if "cuda" not in _compiled_flex:
-        _compiled_flex["cuda"] = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex["cuda"] = torch.compile(flex_attention)
     return _compiled_flex["cuda"]
 
 
