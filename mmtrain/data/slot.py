@@ -14,6 +14,7 @@ from torch.utils.data import get_worker_info
 from mmtrain.data import collate as collate_mod
 from mmtrain.data.collate import Example
 from mmtrain.data.cursor import SourceCursor, fresh_position
+from mmtrain.data.grouping import SlotGrouper
 from mmtrain.data.images import sample_rng
 from mmtrain.data.packing import SlotPacker
 from mmtrain.data.pixelring import PixelRing, RingWriter
@@ -62,13 +63,14 @@ class SlotStream:
         return random.Random(f"mix:{self.cfg.seed}:{self.slot}:{n}").choices(range(len(self.weights)),
                                                                             self.weights)[0]
 
-    def _examples(self, size: int) -> list[Example]:
+    def _examples(self, size: int, in_ring: bool = True) -> list[Example]:
         """The next `size` samples this slot delivers, stage by stage over all of them: read them all, then check
         and render them all, then decode them all. Each stage's code and data stay in the caches for the whole
         batch (docs/loader.md, "Stage by stage": ~6 % less time per sample than one sample at a time). A skipped
         sample is replaced by the next one read, so the slot still yields its fixed number of samples and every rank
         stays in step; the survivors keep their read order, so a batch is exactly the one that taking samples one
-        by one gives. (With `on_error: raise` the error raised may be a later sample's, from an earlier stage.)"""
+        by one gives. (With `on_error: raise` the error raised may be a later sample's, from an earlier stage.)
+        `in_ring=False`: images go to arrays of their own, not the ring slot of the batch being made (grouping)."""
         examples: list[Example] = []
         dropped = [0, size * self.drop_limit]  # skips in this call, and the limit past which all count as dropped
         epoch = self.state["epoch"]
@@ -84,7 +86,7 @@ class SlotStream:
                     self._skip(exc.reason, exc, dropped)
             for raw, filler, sample, images in rendered:
                 try:
-                    examples.append(self._decode(raw, filler, sample, images, epoch))
+                    examples.append(self._decode(raw, filler, sample, images, epoch, in_ring))
                 except BadSample as exc:
                     self._skip(exc.reason, exc, dropped)
         return examples
@@ -113,11 +115,12 @@ class SlotStream:
         except Exception as exc:  # a conversation the template refuses, e.g. <image> in an assistant turn
             raise BadSample(raw["__url__"], raw["__key__"], "bad_sample", f"{type(exc).__name__}: {exc}") from exc
 
-    def _decode(self, raw: dict, filler: bool, rendered: Rendered, images: list[bytes], epoch: int) -> Example:
+    def _decode(self, raw: dict, filler: bool, rendered: Rendered, images: list[bytes], epoch: int,
+                in_ring: bool = True) -> Example:
         """Decode a rendered sample's images (BadSample when one is unreadable) into an Example."""
         shard, key = raw["__url__"], raw["__key__"]
         rng = sample_rng(key, epoch, self.cfg.seed) if self.cfg.image.augment else None
-        buffer = self.writer.buffer if self.writer is not None else _no_buffer
+        buffer = self.writer.buffer if self.writer is not None and in_ring else _no_buffer
         pixels = [load_image(images[i], self.cfg.image, rng, self.cfg.max_image_pixels, shard, key, i, buffer())
                   for i in range(len(rendered.image_starts))]  # images cut by truncation come last: not decoded
         return Example(rendered.input_ids, rendered.labels, rendered.image_starts, pixels, key, filler)
@@ -165,6 +168,9 @@ class SlotStream:
                                   plan.samples_per_step, exact=not plan.loop).batches_iter()
             return
         sizes = self.plan.batch_sizes(self.cfg.batch_size)
+        if self.cfg.group_by != "none":
+            yield from SlotGrouper(self, sizes, self.cfg.group_window).batches_iter()
+            return
         done = self.state["batches"]
         try:
             for size in sizes[done:]:

@@ -27,6 +27,7 @@ from mmtrain.data import handoff
 from mmtrain.data.affinity import local_world_size, pin_worker
 from mmtrain.data.chunking import chunked
 from mmtrain.data.cursor import fresh_position
+from mmtrain.data.grouping import WINDOW, check_config, layout
 from mmtrain.data.images import ImageConfig
 from mmtrain.data.packing import LOOKAHEAD, Probe, end_epoch, epoch_batches, probe_sources
 from mmtrain.data.pixelring import PREFETCH, PixelRing
@@ -71,6 +72,11 @@ class LoaderConfig:
     shuffle_buffer: int = 1000
     pack: bool = False
     """Fill `batch_size` rows of `max_length` tokens per step with whole samples (see packing.py, docs/loader.md)."""
+    group_by: str = "none"
+    """`modality_length`: each batch holds image or text-only samples of similar length (grouping.py); `none`."""
+    group_window: int = WINDOW
+    """Batches read and grouped together with `group_by` (per worker: its decoded images are held, its start re-read
+    on resume)."""
     pad_to_multiple: int = 8
     num_workers: int = 2
     transfer_samples: int = handoff.TRANSFER_SAMPLES
@@ -101,6 +107,7 @@ class LoaderConfig:
             raise UserError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
         if self.batch_size < 1 or self.num_workers < 0 or self.transfer_samples < 1:
             raise UserError("batch_size and transfer_samples must be >= 1 and num_workers >= 0")
+        check_config(self.group_by, self.group_window, self.pack)
 
 
 def shm_free_bytes() -> int | None:
@@ -353,12 +360,17 @@ class StreamLoader:
         """Skipped samples of this rank by reason (`sample_counts()["skipped"]`)."""
         return merge_counts(list(self.slots.values()))
 
+    def _group(self) -> str:
+        """The grouping a cursor is exact under (`grouping.layout`)."""
+        return layout(self.cfg.group_by, self.cfg.group_window)
+
     def state_dict(self) -> dict:
         """JSON-serializable cursor of this rank (save one per rank)."""
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.plan.workers, "seed": self.cfg.seed, "epoch": self.epoch,
                 "batches_in_epoch": self.batches_in_epoch, "steps_per_epoch": self.plan.steps_per_epoch,
-                "pack": self.cfg.pack, "slots": {str(s): copy_state(st) for s, st in self.slots.items()}}
+                "pack": self.cfg.pack, "group": self._group(),
+                "slots": {str(s): copy_state(st) for s, st in self.slots.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken. The layout (ranks × workers, seed) must be the same."""
@@ -373,6 +385,9 @@ class StreamLoader:
             if name in state and state[name] != mine:  # older cursors lack these
                 raise UserError(f"data cursor was taken with {name}={state[name]}, this run has {mine}; exact "
                                 "resume needs the same data, batch_size, max_length, pack and tokenizer")
+        if state.get("group", "none") != self._group():  # older cursors were all ungrouped
+            raise UserError(f"data cursor was taken with grouping {state.get('group', 'none')}, this run has "
+                            f"{self._group()}; exact resume needs the same group_by and group_window")
         self.close()  # live workers hold the old cursor
         self.epoch = state["epoch"]
         self.batches_in_epoch = state["batches_in_epoch"]
