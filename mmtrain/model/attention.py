@@ -74,13 +74,16 @@ def resolve_attention(choice: str, device_type: str, training: bool = True, pack
 
 
 def set_attention(llm: torch.nn.Module, implementation: str) -> None:
-    """Point an HF causal LM's attention modules at `implementation` (sdpa | flex | flash_varlen)."""
-    name = HF_IMPLEMENTATION[implementation]
+    """Point an HF causal LM's attention modules at `implementation`. `sdpa` (dense masks) keeps the implementation
+    transformers chose for the family (sdpa, or eager where sdpa cannot do the family's attention, e.g. Gemma-2's
+    logit soft-capping); `flex` and `flash_varlen` are mmtrain's registered functions."""
+    config = llm.config
+    if not hasattr(llm, "dense_attention"):
+        llm.dense_attention = config._attn_implementation  # transformers' choice for the family, kept for `sdpa`
+    name = llm.dense_attention if implementation == "sdpa" else HF_IMPLEMENTATION[implementation]
     if name.startswith("mmtrain_"):
         register_attention_functions()
-    config = llm.config
-    for sub in [config, *(getattr(config, k) for k in ("text_config",) if hasattr(config, k))]:
-        sub._attn_implementation = name
+    config._attn_implementation = name
 
 
 # ---- masks ---------------------------------------------------------------------------------------------------------
@@ -159,10 +162,29 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         raise UserError("attention: flex does not apply attention dropout; set the LLM's attention_dropout to 0")
     if not isinstance(attention_mask, BlockMask):
         raise ValueError(f"mmtrain_flex needs a BlockMask, got {type(attention_mask).__name__}")
+    check_window(kwargs.get("sliding_window"), query.shape[2])
     kernel = _flex_kernel(query.device.type)
+    softcap = kwargs.get("softcap")
+    extra = {"score_mod": _softcap_scores(float(softcap))} if softcap else {}
     out = kernel(query, key, value, block_mask=attention_mask, scale=scaling,
-                 enable_gqa=query.shape[1] != key.shape[1])
+                 enable_gqa=query.shape[1] != key.shape[1], **extra)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _softcap_scores(cap: float) -> Any:
+    """Gemma-2-style logit soft-capping (cap · tanh(score / cap)) as a flex score_mod."""
+
+    def softcap(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return cap * torch.tanh(score / cap)
+
+    return softcap
+
+
+def check_window(sliding_window: int | None, length: int) -> None:
+    """Packed rows are masked per document only: refuse rows longer than a sliding-window LLM's window."""
+    if sliding_window and length > int(sliding_window):
+        raise UserError(f"packed rows of {length} tokens exceed the LLM's sliding_window {sliding_window}, which the "
+                        f"document masks do not apply; keep max_length <= {sliding_window}")
 
 
 def _causal_per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
@@ -204,7 +226,10 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     if dropout:
         raise UserError("attention: flash_varlen does not apply attention dropout; set the LLM's attention_dropout to 0")
+    if kwargs.get("softcap"):
+        raise UserError("attention: flash_varlen cannot apply the LLM's attention logit soft-capping; use flex or sdpa")
     batch, heads, length, dim = query.shape
+    check_window(kwargs.get("sliding_window"), length)
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
     if query.device.type == "cuda":
         out = _varlen_cuda(q, k, v, bounds, int(kwargs["max_length_q"]), scaling)

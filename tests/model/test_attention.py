@@ -10,7 +10,7 @@ import torch.nn.attention.flex_attention as torch_flex
 
 from mmtrain.data.collate import Example, pack
 from mmtrain.errors import UserError
-from mmtrain.model.attention import cu_seqlens, dense_document_mask, resolve_attention
+from mmtrain.model.attention import check_window, cu_seqlens, dense_document_mask, resolve_attention
 from mmtrain.model.presets import tiny_config
 from mmtrain.model.vlm import VisionLanguageModel
 
@@ -107,7 +107,7 @@ def test_block_skipping_attention_equals_the_dense_mask_for_every_connector(conn
     assert_same(reference, loss_and_grads(model, batch), f"{connector}/sdpa again")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "gpt_neox"])
 def test_block_skipping_attention_equals_the_dense_mask_for_every_family(family, flex_on_cpu):
     model = make_model("abstractor", family)
     batch, _ = packed_batch(model)
@@ -115,6 +115,30 @@ def test_block_skipping_attention_equals_the_dense_mask_for_every_family(family,
     for implementation in IMPLEMENTATIONS:
         model.set_attention(implementation)
         assert_same(reference, loss_and_grads(model, batch), f"{family}/{implementation}")
+
+
+def test_soft_capped_attention_is_kept_by_flex_and_refused_by_varlen(flex_on_cpu):
+    """Gemma-2 soft-caps attention logits (transformers runs it eagerly for that): a cap small enough to matter
+    changes the loss, flex applies it as a score_mod, and varlen, which cannot, refuses rather than drop it."""
+    config = tiny_config("abstractor", llm_family="gemma2", layers=4)
+    config.text_config.update(attn_logit_softcapping=0.5, initializer_range=0.5)  # scores large enough to cap
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(config)
+    batch, _ = packed_batch(model)
+    model.set_attention("sdpa")
+    assert model.llm.config._attn_implementation == "eager"
+    reference = loss_and_grads(model, batch)
+    attention = [layer.self_attn for layer in model.llm.model.layers]
+    for module in attention:
+        module.attn_logit_softcapping = None
+    assert abs(loss_and_grads(model, batch)[0] - reference[0]) > 1e-3
+    for module in attention:
+        module.attn_logit_softcapping = 0.5
+    model.set_attention("flex")
+    assert_same(reference, loss_and_grads(model, batch), "gemma2/flex")
+    model.set_attention("flash_varlen")
+    with pytest.raises(UserError, match="soft-capping"):
+        loss_and_grads(model, batch)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", *IMPLEMENTATIONS])
@@ -179,3 +203,6 @@ def test_attention_choice_is_resolved_or_refused_with_the_reason():
         resolve_attention("flex", "cpu")
     with pytest.raises(UserError, match="auto, sdpa, flex, flash_varlen"):
         resolve_attention("flash", "cuda")
+    check_window(None, 8192), check_window(4096, 4096)
+    with pytest.raises(UserError, match="rows of 4104 tokens exceed the LLM's sliding_window 4096"):
+        check_window(4096, 4104)
