@@ -194,8 +194,8 @@ def _causal_per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     pieces = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))
-        pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling).transpose(0, 1))
+        q, k, v = (x[None, start:end].transpose(1, 2) for x in (query, key, value))  # 4-D: sdpa's fused CPU kernel
+        pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)[0].transpose(0, 1))
     return torch.cat(pieces)
 
 
