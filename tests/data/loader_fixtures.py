@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -76,6 +77,20 @@ def write_shard_set(root: Path, shard_sizes: list[int], split: str = "train", te
 
 
 @functools.cache
+def break_json(shard: Path, key: str) -> None:
+    """Rewrite `shard` with sample `key`'s JSON made unparsable, every other member as it was."""
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    by_key: dict = {}
+    for name, data in members:
+        sample, _, ext = name.partition(".")
+        by_key.setdefault(sample, {"__key__": sample})[ext] = data
+    by_key[key]["json"] = b"{not json"
+    with wds.TarWriter(str(shard)) as sink:
+        for sample in by_key.values():
+            sink.write(sample)
+
+
 def tiny_tokenizer_dir() -> str:
     """Train (once per process) a small sentencepiece tokenizer on fixture text; returns its HF directory."""
     from mmtrain.data.tokenizer import iter_shard_texts, train_tokenizer

@@ -3,15 +3,13 @@ modality of similar length, each epoch delivers exactly the samples of the ungro
 
 from __future__ import annotations
 
-import tarfile
 import warnings
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from loader_fixtures import tiny_tokenizer, write_shard_set
+from loader_fixtures import break_json, tiny_tokenizer, write_shard_set
 from test_stream import all_keys, assert_same_batches, config, take_then_resume
 
 from mmtrain.data.collate import Example, padding_waste
@@ -248,16 +246,7 @@ def test_bad_sample_is_skipped_and_replaced_inside_a_window(tmp_path):
     """on_error=warn: the broken sample is skipped and counted, the next one read fills its place in the window;
     every good sample is delivered once, ranks stay in step, resume is exact."""
     root = write_shard_set(tmp_path / "bad", [30, 30])
-    with tarfile.open(root / "train-000001.tar") as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    by_key: dict = {}
-    for name, data in members:
-        key, _, ext = name.partition(".")
-        by_key.setdefault(key, {"__key__": key})[ext] = data
-    by_key["p35-catqa-0"]["json"] = b"{not json"
-    with wds.TarWriter(str(root / "train-000001.tar")) as sink:
-        for sample in by_key.values():
-            sink.write(sample)
+    break_json(root / "train-000001.tar", "p35-catqa-0")
     cfg = grouped(str(root), on_error="warn")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedSampleWarning)

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import tarfile
 import warnings
 from collections import Counter
 
 import pytest
-import webdataset as wds
-from loader_fixtures import tiny_tokenizer, write_shard_set
+from loader_fixtures import break_json, tiny_tokenizer, write_shard_set
 from test_stream import all_keys, config, run_ranks, take_then_resume
 
 from mmtrain.data import packing
@@ -103,16 +101,7 @@ def test_packed_bad_sample_is_skipped_counted_and_resumed(tmp_path):
     """on_error=warn with packing: the broken sample is skipped and counted (in its worker, with the usual warning);
     every good sample is delivered once, ranks stay in step, resume is exact."""
     root = write_shard_set(tmp_path / "bad", [30, 30])
-    with tarfile.open(root / "train-000001.tar") as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    by_key: dict = {}
-    for name, data in members:
-        key, _, ext = name.partition(".")
-        by_key.setdefault(key, {"__key__": key})[ext] = data
-    by_key["p35-catqa-0"]["json"] = b"{not json"
-    with wds.TarWriter(str(root / "train-000001.tar")) as sink:
-        for sample in by_key.values():
-            sink.write(sample)
+    break_json(root / "train-000001.tar", "p35-catqa-0")
     cfg = packed(str(root), on_error="warn", max_length=1024)
     loaders = [build_loader(cfg, tiny_tokenizer(), rank=r, world_size=2) for r in range(2)]
     batches = {r: list(loader) for r, loader in enumerate(loaders)}
