@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from gpu_check import (GPU, MODE_LABELS, MODES, OWL_RECIPE, REPO, STAGE_INDEX, TARGETS, batch_facts, owl_overrides,
-                       say, synthetic_batches, write_json)
+from gpu_check_shapes import (GPU, MODE_LABELS, MODES, OWL_RECIPE, REPO, STAGE_INDEX, TARGETS, batch_facts, owl_overrides,
+                              say, synthetic_batches, write_json)
 from gpu_check_smoke import NEEDED, TINY_RECIPE, rel, smoke_overrides, trainer_command
 
 GPU_PREINSTALLED = {"torch", "transformers", "peft", "tokenizers", "sentencepiece", "tensorboard", "pyyaml", "tqdm",

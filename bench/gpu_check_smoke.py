@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpu_check import REPO, Scale, say, scale_of, write_json
+from gpu_check_shapes import REPO, Scale, say, scale_of, write_json
 
 TINY_RECIPE = REPO / "launch" / "recipes" / "tiny-cpu.yaml"
 NEEDED = ("shards/sample/styles.csv", "shards/catalogs/fashion-products.yaml", "launch/recipes/tiny-cpu.yaml",

@@ -122,7 +122,7 @@ def test_plan_lists_every_step_within_six_minutes(dry_run):
 
 def test_synthetic_batches_keep_the_packed_contract():
     sys.path.insert(0, str(REPO / "bench"))
-    import gpu_check
+    import gpu_check_shapes as gpu_check
     from mmtrain.model import preset_config
 
     config = preset_config("tiny")
