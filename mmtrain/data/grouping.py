@@ -27,13 +27,28 @@ What stays exact:
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from mmtrain.data.collate import Example
 from mmtrain.errors import UserError
 
-if TYPE_CHECKING:
-    from mmtrain.data.slot import SlotStream
+
+class GroupedStream(Protocol):
+    """What a grouper needs of its slot's stream (`slot.SlotStream`): its state and cursors, and the reading,
+    collating and pixel-shipping it does without grouping."""
+
+    state: dict[str, Any]
+    cursors: list[Any]
+    cfg: Any
+    slot: int
+    plan: Any
+    reader: Any
+
+    def _examples(self, size: int, in_ring: bool = True) -> list[Example]: ...
+
+    def _collate(self, examples: list[Example]) -> dict: ...
+
+    def ship_pixels(self, batch: dict, waiting: Sequence[Example] = ()) -> None: ...
 
 GROUP_BY = ("none", "modality_length")
 WINDOW = 16
@@ -79,9 +94,9 @@ def group_window(examples: Sequence[Example], sizes: Sequence[int], key: str) ->
 
 
 class SlotGrouper:
-    """Runs one slot's grouped epoch on top of a SlotStream (which reads, renders, decodes, counts and ships)."""
+    """Runs one slot's grouped epoch on top of its stream (which reads, renders, decodes, counts and ships)."""
 
-    def __init__(self, stream: "SlotStream", sizes: list[int], window: int):
+    def __init__(self, stream: GroupedStream, sizes: list[int], window: int):
         self.s, self.sizes, self.window = stream, sizes, window
 
     def _snapshot(self) -> dict:
