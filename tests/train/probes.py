@@ -51,6 +51,9 @@ def unlike_batches(args: argparse.Namespace) -> None:
         images = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
         record.append({"loss": out.loss.item(), "images": images})
     Path(args.out, f"rank-{trainer.rank}.json").write_text(json.dumps(record))
+    run.engine.destroy()  # leave no communication thread running into interpreter exit
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
