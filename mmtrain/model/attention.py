@@ -78,8 +78,11 @@ def set_attention(llm: torch.nn.Module, implementation: str) -> None:
     transformers chose for the family (sdpa, or eager where sdpa cannot do the family's attention, e.g. Gemma-2's
     logit soft-capping); `flex` and `flash_varlen` are mmtrain's registered functions."""
     config = llm.config
-    if not hasattr(llm, "dense_attention"):
-        llm.dense_attention = config._attn_implementation  # transformers' choice for the family, kept for `sdpa`
+    if not hasattr(llm, "dense_attention"):  # transformers' choice for the family, kept for `sdpa`
+        own = config._attn_implementation
+        if own == "sdpa" and getattr(config, "attn_logit_softcapping", None):
+            own = "eager"  # sdpa cannot soft-cap logits; transformers 4.x still picked it for Gemma-2
+        llm.dense_attention = own
     name = llm.dense_attention if implementation == "sdpa" else HF_IMPLEMENTATION[implementation]
     if name.startswith("mmtrain_"):
         register_attention_functions()
