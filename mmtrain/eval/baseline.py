@@ -76,7 +76,7 @@ class MajorityBaseline:
 def read_items(shards_dir: str | Path, split: str, tasks: Sequence[str] | None = None,
                limit: int | None = None) -> list[dict[str, Any]]:
     """Scoring items of a shard split (images dropped), in shard order, at most `limit`."""
-    from mmtrain.commands.shards import iter_shard_samples
+    from mmtrain.data.split_samples import iter_shard_samples
 
     items = []
     for record in iter_shard_samples(Path(shards_dir), split):

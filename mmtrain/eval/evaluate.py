@@ -32,7 +32,7 @@ def check_tasks(tasks: Sequence[str] | None) -> list[str] | None:
 def read_samples(shards_dir: str | Path, split: str, tasks: Sequence[str] | None,
                  limit: int | None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(record with images, scoring item) of the split's product-task samples, in shard order, at most `limit`."""
-    from mmtrain.commands.shards import iter_shard_samples
+    from mmtrain.data.split_samples import iter_shard_samples
 
     folder = Path(shards_dir)
     if not (folder / "manifest.json").is_file():

@@ -277,7 +277,7 @@ def test_cut_shard_index_never_returns_short_bytes(shard_sets, tmp_path, long_na
 def test_member_names_are_data_not_paths(shard_sets, tmp_path, monkeypatch):
     """Members named `../../escape.json`, `/abs/x.json` (and a long one through the tarfile fallback) are read as
     keys; neither the loader nor `shards inspect` / `shards merge` writes a file named after a member."""
-    from mmtrain.commands.shards import iter_shard_samples
+    from mmtrain.data.split_samples import iter_shard_samples
     from mmtrain.data.merge import merge_shard_sets
 
     root = tmp_path / "esc"
@@ -319,7 +319,7 @@ def test_member_names_are_data_not_paths(shard_sets, tmp_path, monkeypatch):
 
 def test_inspect_and_eval_reader_skip_bad_samples_with_the_loaders_warning(shard_sets):
     """`mmtrain shards inspect` / eval read records through the same checks: a warning per bad sample, no traceback."""
-    from mmtrain.commands.shards import iter_shard_samples
+    from mmtrain.data.split_samples import iter_shard_samples
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedSampleWarning)
