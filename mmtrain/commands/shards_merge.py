@@ -17,7 +17,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from mmtrain.commands.shards import print_manifest
+    from mmtrain.commands.manifest_table import print_manifest
     from mmtrain.data.merge import merge_shard_sets
 
     manifest = merge_shard_sets([Path(p) for p in args.parts], Path(args.out), mode=args.mode,
