@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from mmtrain.data.tokencache import TokenCache
-from mmtrain.data.tokenizer import IMAGE_TOKEN, image_token_id
+from mmtrain.data.image_token import IMAGE_TOKEN, image_token_id
 
 IGNORE_INDEX = -100
 

@@ -15,8 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-IMAGE_TOKEN = "<image>"
-"""The image placeholder: marks an image in conversation text and fills every image slot in `input_ids`."""
+from mmtrain.data.image_token import IMAGE_TOKEN, image_token_id  # noqa: F401  (the tokenizer's public names)
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -36,14 +35,6 @@ def ensure_special_tokens(tok) -> None:
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tok.pad_token_id is None:
         tok.add_special_tokens({"pad_token": "<pad>"})
-
-
-def image_token_id(tok) -> int:
-    """Id of the image placeholder token; raises if the tokenizer does not have it."""
-    idx = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if idx is None or idx == tok.unk_token_id:
-        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with mmtrain.data.tokenizer.load_tokenizer")
-    return int(idx)
 
 
 def iter_shard_texts(shards_dir: str | os.PathLike, split: str = "train") -> Iterator[str]:
