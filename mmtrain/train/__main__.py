@@ -6,6 +6,6 @@ from mmtrain.train import preemption
 
 preemption.install()  # before the slow imports: a SIGUSR1 / SIGTERM during start-up is kept, not lost or fatal
 
-from mmtrain.commands.train import main  # noqa: E402
+from mmtrain.train.entry import main  # noqa: E402
 
 sys.exit(main())

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 import mmtrain.train.checkpoint as ckpt  # noqa: E402
 import mmtrain.train.engine as engine  # noqa: E402
-from mmtrain.commands.train import main  # noqa: E402
+from mmtrain.train.entry import main  # noqa: E402
 
 
 def plant(kind: str, ranks: set[int], step: int) -> None:
