@@ -10,6 +10,7 @@ from mmtrain.model.compile import compile_decoder_blocks
 from mmtrain.model.llm import decoder_layers
 
 from test_attention import make_model, packed_batch
+from vlm_helpers import adamw_losses
 
 
 def train_losses(connector: str, compiled: bool, steps: int = 3) -> list[float]:
@@ -17,15 +18,7 @@ def train_losses(connector: str, compiled: bool, steps: int = 3) -> list[float]:
     batch, _ = packed_batch(model)
     if compiled:
         assert compile_decoder_blocks(model.llm) == len(decoder_layers(model.llm)) == 4
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return adamw_losses(model, batch, steps)
 
 
 @pytest.mark.parametrize("connector, graphs", [("abstractor", 1), ("xattn", 3)])

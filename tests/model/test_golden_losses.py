@@ -10,7 +10,7 @@ import torch
 from mmtrain.model.presets import tiny_config
 from mmtrain.model.vlm import VisionLanguageModel
 
-from vlm_helpers import make_batch, set_gates
+from vlm_helpers import adamw_losses, make_batch, set_gates
 
 GOLDEN = {  # the same to 1e-7 under the lock, the floors (transformers 4.57.6) and the newest (torch 2.14.1)
     "abstractor": [5.545027, 5.442229, 5.371741],
@@ -28,15 +28,7 @@ def golden_losses(connector: str, steps: int = 3) -> list[float]:
             param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
     set_gates(model, 0.5)
     batch = make_batch(model, images_per_sample=(1, 0, 2), text_len=7, seed=5)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return adamw_losses(model, batch, steps)
 
 
 @pytest.mark.parametrize("connector", sorted(GOLDEN))

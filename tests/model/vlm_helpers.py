@@ -55,3 +55,16 @@ def set_gates(model: VisionLanguageModel, value: float, suffix: str = "gate") ->
         for name, p in model.connector.named_parameters():
             if name.endswith(suffix):
                 p.fill_(value)
+
+
+def adamw_losses(model: VisionLanguageModel, batch: dict, steps: int, lr: float = 1e-3) -> list[float]:
+    """The loss of each of `steps` AdamW steps on the same batch (for tests that pin training, not one forward)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
