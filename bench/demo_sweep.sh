@@ -11,7 +11,7 @@ if [ ! -f "$out/mm/manifest.json" ]; then
       --out "$out/mm" --image-size 96 --workers 8 --no-progress > /dev/null
   $py -m mmtrain shards build --spec shards/catalogs/fashion-products.yaml --catalog shards/sample/styles.csv \
       --out "$out/text" --text-only --no-progress > /dev/null
-  $py -c "from mmtrain.data.tokenizer import iter_shard_texts, train_tokenizer as t; import sys
+  $py -c "from mmtrain.data.loader.tokenizer import iter_shard_texts, train_tokenizer as t; import sys
 t(list(iter_shard_texts('$out/mm')) + list(iter_shard_texts('$out/text')), 1000, '$out/tok')"
 fi
 for spec in "$@"; do

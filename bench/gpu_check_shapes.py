@@ -90,9 +90,9 @@ def synthetic_batches(config, scale: Scale, count: int, seed: int = 0) -> list[d
     import numpy as np
     import torch
 
-    from mmtrain.data.collate import Example, pack_arrays, to_torch
-    from mmtrain.data.images import CLIP_MEAN, CLIP_STD
-    from mmtrain.data.template import IGNORE_INDEX
+    from mmtrain.data.loader.collate import Example, pack_arrays, to_torch
+    from mmtrain.data.loader.images import CLIP_MEAN, CLIP_STD
+    from mmtrain.data.loader.templates import IGNORE_INDEX
 
     rng = np.random.default_rng(seed)
     slots, size = config.num_image_slots(), int(config.vision_config["image_size"])

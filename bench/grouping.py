@@ -29,9 +29,9 @@ MAX_LENGTH = 256
 
 def prepare(root: Path) -> dict[str, str]:
     """Image and text-only shard sets from the first 300 sample products, and a tokenizer, built once."""
-    from mmtrain.data.build import build_from_catalog
-    from mmtrain.data.tokenizer import iter_shard_texts, train_tokenizer
-    from mmtrain.data.writer import BuildOptions
+    from mmtrain.data.shards.build import build_from_catalog
+    from mmtrain.data.loader.tokenizer import iter_shard_texts, train_tokenizer
+    from mmtrain.data.shards.writer import BuildOptions
 
     lines = (REPO / "shards" / "sample" / "styles.csv").read_bytes().splitlines(keepends=True)[:301]
     (root / "styles.csv").write_bytes(b"".join(lines))
@@ -45,9 +45,10 @@ def prepare(root: Path) -> dict[str, str]:
 
 def draw(paths: dict, group_by: str, batches: int, slots: int, image_size: int, tokenizer, rank: int, world: int):
     """The first `batches` batches of this rank in one mode, and their figures."""
-    from mmtrain.data.collate import padding_waste
-    from mmtrain.data.images import ImageConfig
-    from mmtrain.data.stream import LoaderConfig, build_loader
+    from mmtrain.data.loader.collate import padding_waste
+    from mmtrain.data.loader.images import ImageConfig
+    from mmtrain.data.loader.config import LoaderConfig
+    from mmtrain.data.loader.stream import build_loader
 
     cfg = LoaderConfig(data=[{"shards": paths["mm"], "weight": 0.7}, {"shards": paths["text"], "weight": 0.3}],
                        num_image_slots=slots, batch_size=MICRO_BATCH, max_length=MAX_LENGTH, num_workers=0,
@@ -70,8 +71,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from mmtrain.config import recipe_from_dict
-    from mmtrain.data.grouping import WINDOW
-    from mmtrain.data.tokenizer import load_tokenizer
+    from mmtrain.data.loader.grouping import WINDOW
+    from mmtrain.data.loader.tokenizer import load_tokenizer
     from mmtrain.model import num_image_slots
     from mmtrain.train.dsconfig import deepspeed_config
     from mmtrain.train.runtime import init_distributed

@@ -8,7 +8,7 @@
   loader per run for two epochs of different samples: epoch 2 (its persistent worker: the steady state of a long
   run) is the figure, epoch 1 (a fresh worker) is printed next to it. Each epoch is timed from the arrival of its
   first transfer (the worker's fork and start-up, once per run, are printed apart; a transfer is the DataLoader
-  item, ~32 samples in whole batches, see mmtrain/data/handoff.py), with the
+  item, ~32 samples in whole batches, see mmtrain/data/loader/worker_handoff.py), with the
   CPU time per sample of the main process and of the worker as diagnostics (on a shared machine the two processes
   often share one core, and the wall clock then shows their sum). Pixels leave the
   loader as uint8 and the trainer normalizes them on the device (`train.runtime.model_inputs`); what that step costs
@@ -50,14 +50,15 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmtrain.data.collate import Example, collate, padding_waste  # noqa: E402
-from mmtrain.data.images import (ImageConfig, decode_image_pil, normalize_pixels, preprocess_hwc,  # noqa: E402
+from mmtrain.data.loader.collate import Example, collate, padding_waste  # noqa: E402
+from mmtrain.data.loader.images import (ImageConfig, decode_image_pil, normalize_pixels, preprocess_hwc,  # noqa: E402
                                  resize_image)
-from mmtrain.data.plan import load_shards  # noqa: E402
-from mmtrain.data.shardio import ShardReader  # noqa: E402
-from mmtrain.data.stream import LoaderConfig, build_loader  # noqa: E402
-from mmtrain.data.template import IGNORE_INDEX, get_template  # noqa: E402
-from mmtrain.data.tokenizer import iter_shard_texts, load_tokenizer, train_tokenizer  # noqa: E402
+from mmtrain.data.loader.shard_plan import load_shards  # noqa: E402
+from mmtrain.data.loader.tar_index import ShardReader  # noqa: E402
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.stream import build_loader  # noqa: E402
+from mmtrain.data.loader.templates import IGNORE_INDEX, get_template  # noqa: E402
+from mmtrain.data.loader.tokenizer import iter_shard_texts, load_tokenizer, train_tokenizer  # noqa: E402
 
 DATASET = Path("/work/shared/datasets/fashion-products")
 SPEC = Path(__file__).resolve().parents[1] / "shards/catalogs/fashion-products.yaml"
@@ -74,12 +75,12 @@ def build_shards(products: int, out: Path) -> tuple[Path, str]:
             if i > products:
                 break
             writer.writerow(row)
-    from mmtrain.data.build import build_from_catalog
-    from mmtrain.data.writer import BuildOptions
+    from mmtrain.data.shards.build import build_from_catalog
+    from mmtrain.data.shards.writer import BuildOptions
 
     build_from_catalog(SPEC, subset, DATASET, BuildOptions(out=out, val_fraction=0.0, shard_size=500,
                                                              image_size=224, progress=False))
-    return out, "mmtrain shards builder (mmtrain.data.build.build_from_catalog)"
+    return out, "mmtrain shards builder (mmtrain.data.shards.build.build_from_catalog)"
 
 
 def all_samples(shards_dir: Path) -> list[dict]:

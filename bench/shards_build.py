@@ -25,8 +25,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mmtrain.data.build import build_from_catalog  # noqa: E402
-from mmtrain.data.writer import BuildOptions  # noqa: E402
+from mmtrain.data.shards.build import build_from_catalog  # noqa: E402
+from mmtrain.data.shards.writer import BuildOptions  # noqa: E402
 
 
 def subset(catalog_dir: Path, n: int, dest: Path) -> list[Path]:

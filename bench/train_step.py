@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO))
 
 def prepare(root: Path) -> dict[str, str]:
     """Shards (300 sample products) and a tokenizer, built once in the parent process."""
-    from mmtrain.data.build import build_from_catalog
-    from mmtrain.data.tokenizer import iter_shard_texts, train_tokenizer
-    from mmtrain.data.writer import BuildOptions
+    from mmtrain.data.shards.build import build_from_catalog
+    from mmtrain.data.loader.tokenizer import iter_shard_texts, train_tokenizer
+    from mmtrain.data.shards.writer import BuildOptions
 
     lines = (REPO / "shards" / "sample" / "styles.csv").read_bytes().splitlines(keepends=True)[:301]
     (root / "styles.csv").write_bytes(b"".join(lines))
@@ -71,9 +71,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from mmtrain.config import recipe_from_dict
-    from mmtrain.data.images import ImageConfig
-    from mmtrain.data.stream import LoaderConfig, build_loader
-    from mmtrain.data.tokenizer import load_tokenizer
+    from mmtrain.data.loader.images import ImageConfig
+    from mmtrain.data.loader.config import LoaderConfig
+    from mmtrain.data.loader.stream import build_loader
+    from mmtrain.data.loader.tokenizer import load_tokenizer
     from mmtrain.model import VisionLanguageModel, apply_stage_policy, num_image_slots
     from mmtrain.train.dsconfig import deepspeed_config
     from mmtrain.train.engine import _model_inputs, init_distributed

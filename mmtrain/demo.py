@@ -74,9 +74,9 @@ IMAGE_SIZE = 96
 
 
 def build_shard_set(folder: Path, spec: ShardSet, catalog: Path) -> None:
-    from mmtrain.data.build import build_from_catalog
-    from mmtrain.data.tasks import TASKS
-    from mmtrain.data.writer import BuildOptions
+    from mmtrain.data.shards.build import build_from_catalog
+    from mmtrain.data.shards.product_tasks import TASKS
+    from mmtrain.data.shards.writer import BuildOptions
 
     options = BuildOptions(out=folder, image_size=IMAGE_SIZE, workers=2, shard_size=500, overwrite=True,
                            val_fraction=VAL_FRACTION)
@@ -90,9 +90,9 @@ def build_shard_set(folder: Path, spec: ShardSet, catalog: Path) -> None:
 def check_reusable(folder: Path, spec: ShardSet, catalog: Path) -> None:
     """A shard set already in the demo's folder (a rerun resumes) must be what this demo would build: one left by an
     older demo with other options, or built from another `--catalog`, would silently train and score on other data."""
-    from mmtrain.data.merge import SOURCE_DEFAULTS
-    from mmtrain.data.tasks import TASKS
-    from mmtrain.data.writer import read_manifest
+    from mmtrain.data.shards.merge import SOURCE_DEFAULTS
+    from mmtrain.data.shards.product_tasks import TASKS
+    from mmtrain.data.shards.writer import read_manifest
 
     manifest = read_manifest(folder)
     source = {**SOURCE_DEFAULTS, **(manifest.get("source") or {})}  # fields newer than the manifest read as off
@@ -124,7 +124,7 @@ def data_overrides(recipe: Path, built: dict[str, Path]) -> list[str]:
 
 def build_inputs(out: Path, catalog: Path) -> tuple[dict[str, Path], Path, dict[str, float]]:
     """The demo's shard sets (name → folder) and tokenizer under `out`, each built unless already there."""
-    from mmtrain.data.tokenizer import iter_shard_texts, train_tokenizer
+    from mmtrain.data.loader.tokenizer import iter_shard_texts, train_tokenizer
 
     timings: dict[str, float] = {}
     built = {name: out / "shards" / spec.folder for name, spec in SHARD_SETS.items()}

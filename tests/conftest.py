@@ -29,8 +29,8 @@ def fashion_spec() -> Path:
 def tiny_shards(tmp_path_factory, real_catalog: Path) -> dict[str, Path]:
     """`mm` and `text` shard sets from the catalog's first 160 rows (48 px images), shared by the trainer and doctor
     tests, which each train their own tokenizer on them."""
-    from mmtrain.data.build import build_from_catalog
-    from mmtrain.data.writer import BuildOptions
+    from mmtrain.data.shards.build import build_from_catalog
+    from mmtrain.data.shards.writer import BuildOptions
 
     root = tmp_path_factory.mktemp("tiny-shards")
     lines = (real_catalog / "styles.csv").read_bytes().splitlines(keepends=True)[:161]

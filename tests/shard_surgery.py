@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from mmtrain.data.tarmember import end_of_archive, tar_member
+from mmtrain.data.shards.tar_members import end_of_archive, tar_member
 
 
 def png_header(width: int, height: int) -> bytes:

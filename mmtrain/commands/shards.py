@@ -8,8 +8,8 @@ from itertools import islice
 from pathlib import Path
 
 from mmtrain.commands.manifest_table import print_manifest
-from mmtrain.data.formats import FORMATS
-from mmtrain.data.tasks import TASKS
+from mmtrain.data.shards.instruction_formats import FORMATS
+from mmtrain.data.shards.product_tasks import TASKS
 from mmtrain.errors import UserError
 
 
@@ -82,8 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from mmtrain.data.build import build_from_catalog, build_from_format
-    from mmtrain.data.writer import BuildOptions
+    from mmtrain.data.shards.build import build_from_catalog, build_from_format
+    from mmtrain.data.shards.writer import BuildOptions
 
     options = BuildOptions(out=Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
                            shard_size=args.shard_size, image_size=args.image_size, workers=args.workers,
@@ -118,8 +118,8 @@ def run_build(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from mmtrain.data.split_samples import iter_shard_samples
-    from mmtrain.data.writer import read_manifest
+    from mmtrain.data.loader.split_records import iter_shard_samples
+    from mmtrain.data.shards.writer import read_manifest
 
     folder = Path(args.dir)
     print_manifest(read_manifest(folder))
@@ -133,7 +133,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             raise UserError("--render needs --tokenizer DIR")
         from transformers import AutoTokenizer
 
-        from mmtrain.data.template import render_masked
+        from mmtrain.data.loader.templates import render_masked
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         for record in islice(iter_shard_samples(folder, args.split), args.render):

@@ -18,7 +18,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_merge(args: argparse.Namespace) -> int:
     from mmtrain.commands.manifest_table import print_manifest
-    from mmtrain.data.merge import merge_shard_sets
+    from mmtrain.data.shards.merge import merge_shard_sets
 
     manifest = merge_shard_sets([Path(p) for p in args.parts], Path(args.out), mode=args.mode,
                                 overwrite=args.overwrite, check_keys=not args.no_key_check)

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mmtrain.data.tokenizer import iter_shard_texts, load_tokenizer, train_tokenizer
+    from mmtrain.data.loader.tokenizer import iter_shard_texts, load_tokenizer, train_tokenizer
 
     shards = Path(args.shards)
     if not (shards / "manifest.json").is_file():

@@ -69,3 +69,11 @@ def run_checks(recipe: Recipe, world_size: int, out: Path | None = None, device_
 
 
 __all__ = ["Check", "failures", "format_table", "run_checks"]
+
+
+def preflight(recipe: Recipe, world_size: int, out: Path, device_type: str) -> tuple[bool, str]:
+    """The trainer's start-up check (`RunOptions.preflight`): whether a row FAILs, and the table when any row is
+    not PASS (empty otherwise)."""
+    checks = run_checks(recipe, world_size, out, device_type)
+    table = format_table(checks) if any(c.status != "PASS" for c in checks) else ""
+    return bool(failures(checks)), table

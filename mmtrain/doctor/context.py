@@ -59,7 +59,7 @@ class Context:
     def tokenizer(self) -> Any:
         """The tokenizer as the trainer uses it (load_tokenizer adds a missing `<image>` / pad)."""
         def build() -> Any:
-            from mmtrain.data.tokenizer import load_tokenizer
+            from mmtrain.data.loader.tokenizer import load_tokenizer
 
             self.raw_tokenizer()  # same errors, reported once
             return load_tokenizer(self.recipe.tokenizer)
@@ -112,7 +112,7 @@ class Context:
     def shards(self, spec: str | list[str]) -> list[Any]:
         """The train split's shards of one data source (plan.load_shards: the loader's own manifest reader)."""
         def build() -> list[Any]:
-            from mmtrain.data.plan import load_shards
+            from mmtrain.data.loader.shard_plan import load_shards
 
             try:
                 return load_shards(spec, "train")

@@ -46,7 +46,7 @@ def _manifest_lower_bound(spec: str | list[str]) -> int:
 
 def probe_source(ctx: Context, spec: str | list[str]) -> Probe:
     """Most images per sample and a few conversations of one source (tar headers + small JSON members only)."""
-    from mmtrain.data.tokenizer import IMAGE_TOKEN
+    from mmtrain.data.loader.image_token import IMAGE_TOKEN
 
     shards = ctx.shards(spec)
     probe = Probe(max_images=_manifest_lower_bound(spec))
@@ -66,8 +66,8 @@ def probe_source(ctx: Context, spec: str | list[str]) -> Probe:
 
 def needed_length(renderer, images: int) -> int:
     """Tokens up to and including the first learned one, for a sample with `images` images and no text."""
-    from mmtrain.data.template import IGNORE_INDEX
-    from mmtrain.data.tokenizer import IMAGE_TOKEN
+    from mmtrain.data.loader.templates import IGNORE_INDEX
+    from mmtrain.data.loader.image_token import IMAGE_TOKEN
 
     conversation = [{"role": "user", "content": IMAGE_TOKEN * images}, {"role": "assistant", "content": ""}]
     labels = renderer.render(conversation).labels
@@ -76,7 +76,7 @@ def needed_length(renderer, images: int) -> int:
 
 def check_sequence_length(ctx: Context) -> Check:
     """See the module docstring: FAIL when no sample with the most images can keep a label, WARN on truncation."""
-    from mmtrain.data.template import Renderer, SampleDropped
+    from mmtrain.data.loader.templates import Renderer, SampleDropped
     from mmtrain.model import num_image_slots
 
     try:

@@ -18,7 +18,7 @@ TRAINER_SETS = {"data", "num_image_slots", "template", "batch_size", "max_length
 def check_stages(ctx: Context) -> Check:
     """loader keys are LoaderConfig fields, lr_per_part names real parts, and the freeze / LoRA policy applies to
     the model (built on the meta device) and leaves something to train."""
-    from mmtrain.data.stream import LoaderConfig
+    from mmtrain.data.loader.config import LoaderConfig
     from mmtrain.model.lora import PARTS
 
     known = {f.name for f in dataclasses.fields(LoaderConfig)}

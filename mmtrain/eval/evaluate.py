@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from mmtrain.data.tasks import TASKS
+from mmtrain.data.shards.product_tasks import TASKS
 from mmtrain.errors import UserError
 from mmtrain.eval.baseline import sample_item
 from mmtrain.eval.generate import Generator, LoadedModel, load_model, mean_loss
@@ -32,7 +32,7 @@ def check_tasks(tasks: Sequence[str] | None) -> list[str] | None:
 def read_samples(shards_dir: str | Path, split: str, tasks: Sequence[str] | None,
                  limit: int | None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(record with images, scoring item) of the split's product-task samples, in shard order, at most `limit`."""
-    from mmtrain.data.split_samples import iter_shard_samples
+    from mmtrain.data.loader.split_records import iter_shard_samples
 
     folder = Path(shards_dir)
     if not (folder / "manifest.json").is_file():

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from mmtrain.data.images import ImageConfig, decode_image, normalize_batch, resize_image, to_uint8
-from mmtrain.data.template import Renderer
+from mmtrain.data.loader.images import ImageConfig, decode_image, normalize_batch, resize_image, to_uint8
+from mmtrain.data.loader.templates import Renderer
 from mmtrain.errors import UserError
 from mmtrain.eval.prompts import Prompt, left_padded, render_prompt, right_padded_with_answers
 
@@ -73,8 +73,8 @@ def load_model(model_dir: str | Path, template: str | None = None, device: str |
                dtype: torch.dtype | None = None) -> LoadedModel:
     """A VisionLanguageModel directory (`mmtrain export` output or a trainer `stages/<name>/` folder) with its
     tokenizer; an unmerged `adapter/` (export without `--merge`) is loaded on top of the base weights."""
-    from mmtrain.data.template import get_template
-    from mmtrain.data.tokenizer import load_tokenizer
+    from mmtrain.data.loader.templates import get_template
+    from mmtrain.data.loader.tokenizer import load_tokenizer
     from mmtrain.model import VisionLanguageModel
     from mmtrain.model.vlm import WEIGHTS_NAME
 

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from mmtrain.data.template import IGNORE_INDEX, Renderer
-from mmtrain.data.tokenizer import IMAGE_TOKEN
+from mmtrain.data.loader.templates import IGNORE_INDEX, Renderer
+from mmtrain.data.loader.image_token import IMAGE_TOKEN
 
 
 @dataclass

@@ -11,7 +11,7 @@ import re
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
-from mmtrain.data.tasks import ATTRIBUTE_QA_PROMPTS, CATEGORY_PROMPTS, FREEFORM_QA, IMAGE_MARK
+from mmtrain.data.shards.product_tasks import ATTRIBUTE_QA_PROMPTS, CATEGORY_PROMPTS, FREEFORM_QA, IMAGE_MARK
 from mmtrain.eval.metrics import (category_parts, corpus_bleu, exact_match, mean, normalize, parse_attributes, rouge_l,
                                   token_f1)
 

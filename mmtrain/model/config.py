@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmtrain.model.connectors import connector_class
+from mmtrain.model.vision import vision_geometry
+
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "mmtrain_vlm"
 
@@ -40,8 +43,6 @@ class VLMConfig:
     """Local directory of a pretrained causal-LM checkpoint, loaded by `build_model(..., pretrained=True)`."""
 
     def __post_init__(self) -> None:
-        from mmtrain.model.connectors import connector_class
-
         connector_class(self.connector)  # raises on an unknown name, listing the known ones
         if not self.vision_config.get("model_type"):
             raise ValueError("vision_config needs a model_type (clip_vision_model, siglip_vision_model, vit)")
@@ -54,20 +55,14 @@ class VLMConfig:
     # ---- derived values -------------------------------------------------------------------------------------------
     def connector_options(self) -> Any:
         """The connector's typed options (its dataclass) built from `connector_config`."""
-        from mmtrain.model.connectors import connector_class
-
         return connector_class(self.connector).options_class(**self.connector_config)
 
     def num_image_slots(self) -> int:
         """Tokens each image occupies in the text: 65 abstractor, patches (+CLS) mlp, 1 xattn, 0 layerwise."""
-        from mmtrain.model.connectors import connector_class
-
         return connector_class(self.connector).num_slots(self)
 
     def vision_geometry(self) -> tuple[int, bool, int]:
         """(patches per image, whether a CLS token leads them, vision hidden size), from the config alone."""
-        from mmtrain.model.vision import vision_geometry
-
         return vision_geometry(self.vision_config)
 
     def num_vision_tokens(self) -> int:

@@ -12,16 +12,17 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from mmtrain.config import Recipe, StageSpec
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.skips import DATA_REASONS, TEMPLATE_REASONS
-from mmtrain.data.stream import LoaderConfig, build_loader
-from mmtrain.data.tokenizer import load_tokenizer
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.bad_samples import DATA_REASONS, TEMPLATE_REASONS
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.stream import build_loader
+from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, num_image_slots
 from mmtrain.model.attention import resolve_attention
@@ -41,6 +42,8 @@ from mmtrain.train.stage_model import (build_stage_model, initial_state, model_c
                                        stage_weights)
 
 SKIP_REASONS = DATA_REASONS + TEMPLATE_REASONS
+Preflight = Callable[[Recipe, int, Path, str], tuple[bool, str]]
+"""(recipe, world size, run directory, device type) → (any check failed, the table to print)."""
 
 
 @dataclass
@@ -54,6 +57,9 @@ class RunOptions:
     stop_after_steps: int | None = None
     """Testing aid: stop (without a final save) after this many optimizer steps in this process."""
     tensorboard: bool = True
+    preflight: Preflight | None = None
+    """Checks run on the first rank of every node before anything is built (the rank entry point passes
+    `mmtrain.doctor.preflight`); any failure stops every rank."""
 
 
 @dataclass
@@ -123,16 +129,16 @@ class Trainer:
         self.steps_this_process = 0
 
     def _preflight(self) -> None:
-        """`mmtrain doctor`'s checks, on the first rank of every node (free disk is per node); any FAIL stops all."""
-        from mmtrain.doctor import failures, format_table, run_checks
-
-        checks = []
+        """`options.preflight` on the first rank of every node (free disk is per node); any failure stops all."""
+        if self.options.preflight is None:
+            return
+        failed_here, table = False, ""
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            checks = run_checks(self.recipe, self.world_size, self.out, self.device.type)
-        failed = torch.tensor([float(bool(failures(checks)))], device=self.device)
+            failed_here, table = self.options.preflight(self.recipe, self.world_size, self.out, self.device.type)
+        failed = torch.tensor([float(failed_here)], device=self.device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if self.rank == 0 and any(c.status != "PASS" for c in checks):
-            print(format_table(checks), flush=True)
+        if self.rank == 0 and table:
+            print(table, flush=True)
         if failed.item() > 0:
             raise UserError("pre-flight checks failed (the FAIL rows above; `mmtrain doctor --recipe ...` runs them "
                             "alone)")

@@ -27,13 +27,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from mmtrain.config import load_recipe
+    from mmtrain.doctor import preflight
     from mmtrain.train.engine import RankFailure, RunOptions, Trainer
     from mmtrain.train.heartbeat import HANG_EXIT_CODE, REPORT
 
     recipe = load_recipe(args.recipe, args.set)
     options = RunOptions(out=Path(args.out), resume=args.resume, start_stage=args.start_stage,
                          init_from=Path(args.init_from) if args.init_from else None,
-                         stop_after_steps=args.stop_after_steps)
+                         stop_after_steps=args.stop_after_steps, preflight=preflight)
     trainer = Trainer(recipe, options)
     try:
         results = trainer.run()

@@ -84,7 +84,7 @@ def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype
         if pixels.dtype == torch.uint8:
             if batch.get("pixel_norm") is None:
                 raise ValueError("uint8 pixel_values need the batch's pixel_norm (mean, std) to be normalized")
-            from mmtrain.data.images import normalize_pixels
+            from mmtrain.data.loader.images import normalize_pixels
 
             pixels = normalize_pixels(pixels, *batch["pixel_norm"])
         out["pixel_values"] = pixels.to(dtype)

@@ -29,7 +29,7 @@ def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
     spec = recipe.model
     if spec.init:
         return VLMConfig.from_pretrained(spec.init)
-    from mmtrain.data.tokenizer import image_token_id
+    from mmtrain.data.loader.image_token import image_token_id
 
     config = preset_config(spec.preset, spec.vision_path, spec.llm_path)
     raw = config.to_dict()

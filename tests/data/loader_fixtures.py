@@ -93,7 +93,7 @@ def break_json(shard: Path, key: str) -> None:
 
 def tiny_tokenizer_dir() -> str:
     """Train (once per process) a small sentencepiece tokenizer on fixture text; returns its HF directory."""
-    from mmtrain.data.tokenizer import iter_shard_texts, train_tokenizer
+    from mmtrain.data.loader.tokenizer import iter_shard_texts, train_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="mmtrain-tok-"))
     shards = write_shard_set(tmp / "shards", [40, 40])
@@ -103,6 +103,6 @@ def tiny_tokenizer_dir() -> str:
 
 @functools.cache
 def tiny_tokenizer():
-    from mmtrain.data.tokenizer import load_tokenizer
+    from mmtrain.data.loader.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_tokenizer_dir())

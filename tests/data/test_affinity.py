@@ -8,9 +8,9 @@ from loader_fixtures import tiny_tokenizer
 from test_handoff import shards  # noqa: F401  (the module-scoped shard set)
 from test_stream import assert_same_batches, config
 
-from mmtrain.data import affinity, stream
-from mmtrain.data.affinity import local_rank, local_world_size, worker_core
-from mmtrain.data.stream import build_loader
+from mmtrain.data.loader import cpu_affinity, stream
+from mmtrain.data.loader.cpu_affinity import local_rank, local_world_size, worker_core
+from mmtrain.data.loader.stream import build_loader
 
 
 def test_cores_come_from_the_end_of_the_set_one_per_worker_and_rank():
@@ -25,7 +25,7 @@ def test_cores_come_from_the_end_of_the_set_one_per_worker_and_rank():
 
 
 def clear_launcher_env(monkeypatch):
-    for name in affinity.LOCAL_RANK_VARS + affinity.LOCAL_SIZE_VARS:
+    for name in cpu_affinity.LOCAL_RANK_VARS + cpu_affinity.LOCAL_SIZE_VARS:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -52,18 +52,18 @@ def test_pinning_steps_aside_rather_than_guess_or_fail(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: calls.append(cores))
     with pytest.warns(RuntimeWarning, match="4 ranks but no local rank"):
-        assert affinity.pin_worker(0, 1, world_size=4) is None
+        assert cpu_affinity.pin_worker(0, 1, world_size=4) is None
     assert calls == []
-    assert affinity.pin_worker(0, 2, world_size=1) == 3 and calls == [{3}]  # one rank: local rank 0
+    assert cpu_affinity.pin_worker(0, 2, world_size=1) == 3 and calls == [{3}]  # one rank: local rank 0
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert affinity.pin_worker(1, 2, world_size=4) == 0 and calls[-1] == {0}
+    assert cpu_affinity.pin_worker(1, 2, world_size=4) == 0 and calls[-1] == {0}
 
     def refuse(pid, cores):
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "sched_setaffinity", refuse)
     with pytest.warns(RuntimeWarning, match="could not pin worker 0 to core 1"):
-        assert affinity.pin_worker(0, 2, world_size=4) is None
+        assert cpu_affinity.pin_worker(0, 2, world_size=4) is None
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -72,10 +72,10 @@ def test_a_pinned_worker_runs_on_its_core_and_gives_the_same_batches(shards, tmp
     """The worker (a real forked DataLoader worker) writes down its CPU set once pinned; the batches equal the
     unpinned loader's and the main process keeps its whole set."""
     clear_launcher_env(monkeypatch)
-    seen = tmp_path / "affinity.json"
+    seen = tmp_path / "cpu_affinity.json"
 
     def recording_pin(worker, workers, world_size):
-        core = affinity.pin_worker(worker, workers, world_size)
+        core = cpu_affinity.pin_worker(worker, workers, world_size)
         seen.write_text(json.dumps({"core": core, "set": sorted(os.sched_getaffinity(0))}))
         return core
 

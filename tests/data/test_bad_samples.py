@@ -20,16 +20,18 @@ import torch
 from loader_fixtures import tiny_tokenizer
 from shard_surgery import conv, png_header, read_samples, white_jpeg, with_conv, write_samples
 
-from mmtrain.data.build import build_from_catalog
-from mmtrain.data.cursor import SourceCursor
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.plan import make_sources
-from mmtrain.data.shardio import ShardReader
-from mmtrain.data.skips import DATA_REASONS, BadSample, SkippedSampleWarning
-from mmtrain.data.slot import SlotStream
-from mmtrain.data.stream import LoaderConfig, Plan, build_loader
-from mmtrain.data.tarmember import tar_member
-from mmtrain.data.writer import BuildOptions
+from mmtrain.data.shards.build import build_from_catalog
+from mmtrain.data.loader.cursor import SourceCursor
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.shard_plan import make_sources
+from mmtrain.data.loader.tar_index import ShardReader
+from mmtrain.data.loader.bad_samples import DATA_REASONS, BadSample, SkippedSampleWarning
+from mmtrain.data.loader.slot import SlotStream
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.epoch import Plan
+from mmtrain.data.loader.stream import build_loader
+from mmtrain.data.shards.tar_members import tar_member
+from mmtrain.data.shards.writer import BuildOptions
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "shards" / "catalogs" / "fashion-products.yaml"
@@ -277,8 +279,8 @@ def test_cut_shard_index_never_returns_short_bytes(shard_sets, tmp_path, long_na
 def test_member_names_are_data_not_paths(shard_sets, tmp_path, monkeypatch):
     """Members named `../../escape.json`, `/abs/x.json` (and a long one through the tarfile fallback) are read as
     keys; neither the loader nor `shards inspect` / `shards merge` writes a file named after a member."""
-    from mmtrain.data.split_samples import iter_shard_samples
-    from mmtrain.data.merge import merge_shard_sets
+    from mmtrain.data.loader.split_records import iter_shard_samples
+    from mmtrain.data.shards.merge import merge_shard_sets
 
     root = tmp_path / "esc"
     shutil.copytree(shard_sets["clean"], root)
@@ -319,7 +321,7 @@ def test_member_names_are_data_not_paths(shard_sets, tmp_path, monkeypatch):
 
 def test_inspect_and_eval_reader_skip_bad_samples_with_the_loaders_warning(shard_sets):
     """`mmtrain shards inspect` / eval read records through the same checks: a warning per bad sample, no traceback."""
-    from mmtrain.data.split_samples import iter_shard_samples
+    from mmtrain.data.loader.split_records import iter_shard_samples
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedSampleWarning)

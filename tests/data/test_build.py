@@ -16,9 +16,9 @@ import webdataset as wds
 from PIL import Image
 
 from mmtrain.cli import main
-from mmtrain.data.build import build_from_catalog
-from mmtrain.data.tasks import TASKS
-from mmtrain.data.writer import BuildOptions, build_shards, read_manifest
+from mmtrain.data.shards.build import build_from_catalog
+from mmtrain.data.shards.product_tasks import TASKS
+from mmtrain.data.shards.writer import BuildOptions, build_shards, read_manifest
 from mmtrain.errors import UserError
 
 
@@ -91,7 +91,7 @@ def test_images_are_rgb_jpeg_downscaled_never_upscaled(full_build: Path) -> None
     small = Image.new("RGB", (40, 30), (200, 10, 10))
     buf = io.BytesIO()
     small.save(buf, format="PNG")
-    from mmtrain.data.jpeg import reencode_image
+    from mmtrain.data.shards.image_encoding import reencode_image
     assert Image.open(io.BytesIO(reencode_image(buf.getvalue(), 128))).size == (40, 30)
 
 
@@ -172,7 +172,7 @@ def test_bad_inputs_are_rejected_exactly_and_good_rows_kept(tmp_path: Path, real
 
 
 def test_interrupted_build_leaves_previous_output_untouched(tmp_path: Path) -> None:
-    from mmtrain.data.records import Sample, WorkItem
+    from mmtrain.data.shards.records import Sample, WorkItem
 
     out = tmp_path / "out"
     out.mkdir()

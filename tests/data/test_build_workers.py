@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmtrain.data import writer
-from mmtrain.data.build import build_from_catalog
-from mmtrain.data.records import Sample, WorkItem
-from mmtrain.data.writer import BuildOptions, build_shards, read_manifest
+from mmtrain.data.shards import writer
+from mmtrain.data.shards.build import build_from_catalog
+from mmtrain.data.shards.records import Sample, WorkItem
+from mmtrain.data.shards.writer import BuildOptions, build_shards, read_manifest
 
 
 @pytest.fixture()

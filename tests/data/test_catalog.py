@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mmtrain.data.catalog import CatalogSpec, Product, read_catalog
-from mmtrain.data.records import Reject
+from mmtrain.data.shards.catalog import CatalogSpec, Product, read_catalog
+from mmtrain.data.shards.records import Reject
 from mmtrain.errors import UserError
 
 

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmtrain.model.attention import dense_document_mask
-from mmtrain.data.collate import Example, collate, pack, pack_rows, padding_waste
+from mmtrain.data.loader.collate import Example, collate, pack, pack_rows, padding_waste
 
 SHAPE = (3, 4, 4)
 
@@ -83,7 +83,7 @@ def test_zero_slot_positions_shift_with_the_sample_in_a_packed_row():
     """Layer-wise adapters: image_slots[:, 1] = first token after the mark, moved by the sample's row offset."""
     from loader_fixtures import make_conversation, tiny_tokenizer
 
-    from mmtrain.data.template import Renderer
+    from mmtrain.data.loader.templates import Renderer
 
     tok = tiny_tokenizer()
     renderer = Renderer(tok, "owl", 0)

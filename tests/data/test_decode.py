@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmtrain.data.images import (ImageConfig, ImageTooLarge, decode_array, decode_image, decode_image_pil,
+from mmtrain.data.loader.images import (ImageConfig, ImageTooLarge, decode_array, decode_image, decode_image_pil,
                                  preprocess_hwc, resize_image, sample_rng)
 
 

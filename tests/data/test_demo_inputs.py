@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmtrain.data.writer import read_manifest
+from mmtrain.data.shards.writer import read_manifest
 from mmtrain.demo import SHARD_SETS, SHORT_ANSWER_TASKS, ShardSet, build_shard_set, check_reusable
 from mmtrain.errors import UserError
 

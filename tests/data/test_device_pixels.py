@@ -11,11 +11,11 @@ import torch
 from test_fastpaths import SIZE, loader_config, model_size_shards
 from loader_fixtures import tiny_tokenizer
 
-from mmtrain.data.images import (ImageConfig, _normalize_torch, hwc_to_nchw_uint8, normalize_batch,
+from mmtrain.data.loader.images import (ImageConfig, _normalize_torch, hwc_to_nchw_uint8, normalize_batch,
                                  normalize_hwc_batch, normalize_pixels, preprocess_hwc)
-from mmtrain.data.plan import load_shards
-from mmtrain.data.shardio import ShardReader
-from mmtrain.data.stream import build_loader
+from mmtrain.data.loader.shard_plan import load_shards
+from mmtrain.data.loader.tar_index import ShardReader
+from mmtrain.data.loader.stream import build_loader
 from mmtrain.train.runtime import model_inputs
 
 CFG = ImageConfig(size=SIZE, mean=(0.5, 0.25, 0.125), std=(0.2, 0.3, 0.7))

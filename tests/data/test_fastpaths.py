@@ -17,14 +17,15 @@ from webdataset.tariterators import base_plus_ext
 from loader_fixtures import make_conversation, tiny_tokenizer
 from PIL import Image
 
-from mmtrain.data import shardio, slot
-from mmtrain.data.images import ImageConfig, decode_array, normalize_batch, normalize_hwc_batch, preprocess_hwc
-from mmtrain.data.pixelring import PREFETCH, PixelRing, RingWriter
-from mmtrain.data.skips import BadSample, load_image
-from mmtrain.data.stream import LoaderConfig, StreamDataset, build_loader
-from mmtrain.data.tarmember import end_of_archive, tar_member
-from mmtrain.data.template import Renderer, batch_encoder
-from mmtrain.data.tokencache import TokenCache
+from mmtrain.data.loader import slot, tar_index
+from mmtrain.data.loader.images import ImageConfig, decode_array, normalize_batch, normalize_hwc_batch, preprocess_hwc
+from mmtrain.data.loader.pixel_buffers import PREFETCH, PixelRing, RingWriter
+from mmtrain.data.loader.bad_samples import BadSample, load_image
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.stream import StreamDataset, build_loader
+from mmtrain.data.shards.tar_members import end_of_archive, tar_member
+from mmtrain.data.loader.templates import Renderer, batch_encoder
+from mmtrain.data.loader.token_cache import TokenCache
 
 SIZE = 32
 
@@ -238,29 +239,29 @@ def test_json_shortcut_equals_json_loads(data):
         expected = json.loads(data)
     except Exception as exc:  # the same error, with the same message
         with pytest.raises(type(exc)) as got:
-            shardio.loads_json(data)
+            tar_index.loads_json(data)
         assert str(got.value) == str(exc)
     else:
-        result = shardio.loads_json(data)
+        result = tar_index.loads_json(data)
         assert json.dumps(result) == json.dumps(expected)
 
 
 @pytest.mark.parametrize("chunk", [512, 700, 1536, 1 << 16])
 def test_chunked_header_walk_equals_tarfile(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(shardio, "CHUNK", chunk)
+    monkeypatch.setattr(tar_index, "CHUNK", chunk)
     path = tmp_path / "s.tar"  # written as the shard builder writes them (plain ustar: the direct walk)
     members = b"".join(tar_member(f"k{i}.{ext}", data) for i in range(6)
                        for ext, data in (("json", b"{}"), ("0.jpg", b"x" * (i * 300 + 1)), ("1.png", b"y" * 512)))
     path.write_bytes(members + end_of_archive(len(members)))
     with open(path, "rb") as f:
-        assert shardio._ustar_members(f) is not None
+        assert tar_index._ustar_members(f) is not None
         f.seek(0)
-        assert list(shardio._ustar_members(f)) == list(shardio._tarfile_members(str(path)))
+        assert list(tar_index._ustar_members(f)) == list(tar_index._tarfile_members(str(path)))
     cut = tmp_path / "cut.tar"  # inside sample k1's second header: k0 whole, k1 with its json only
     cut.write_bytes(path.read_bytes()[:8 * 512 + 100])
     with open(cut, "rb") as f:
-        assert shardio._ustar_walk(f) == shardio._tarfile_walk(str(cut))
-    index = shardio.ShardIndex(str(cut))
+        assert tar_index._ustar_walk(f) == tar_index._tarfile_walk(str(cut))
+    index = tar_index.ShardIndex(str(cut))
     assert index.cut and [(k, [e for e, _, _ in m]) for k, m in index.samples] == [("k0", ["json", "0.jpg", "1.png"]),
                                                                                      ("k1", ["json"])]
 
@@ -279,4 +280,4 @@ def test_whole_batch_normalize_equals_per_image_and_reference():
                                   "a/b", "a/.b/c.d", "a\n.b", "a.b\n", "a/b\n/c.d", "a..b", "/abs/x.json", "x/", "",
                                   "../../escape.json", "a.b/.c", "ü/é.ß.jpg", "a\nb/c.d", ".", "/", "/.a", "a/b.c\n"])
 def test_member_name_split_equals_webdatasets_rule(name):
-    assert shardio.split_name(name) == base_plus_ext(name)
+    assert tar_index.split_name(name) == base_plus_ext(name)

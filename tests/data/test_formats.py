@@ -8,10 +8,10 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from mmtrain.data.build import build_from_format
-from mmtrain.data.formats import read_format
-from mmtrain.data.records import Reject, WorkItem
-from mmtrain.data.writer import BuildOptions
+from mmtrain.data.shards.build import build_from_format
+from mmtrain.data.shards.instruction_formats import read_format
+from mmtrain.data.shards.records import Reject, WorkItem
+from mmtrain.data.shards.writer import BuildOptions
 
 LLAVA = [
     {"id": "000001", "image": "cat.png",

@@ -12,11 +12,11 @@ import torch
 from loader_fixtures import break_json, tiny_tokenizer, write_shard_set
 from test_stream import all_keys, assert_same_batches, config, take_then_resume
 
-from mmtrain.data.collate import Example, padding_waste
-from mmtrain.data.grouping import WINDOW, group_window
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.skips import SkippedSampleWarning
-from mmtrain.data.stream import build_loader
+from mmtrain.data.loader.collate import Example, padding_waste
+from mmtrain.data.loader.grouping import WINDOW, group_window
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.bad_samples import SkippedSampleWarning
+from mmtrain.data.loader.stream import build_loader
 from mmtrain.errors import UserError
 
 B, W = 4, 3
@@ -45,7 +45,7 @@ def epochs(cfg, n: int = 2, world: int = 2) -> tuple[dict, dict]:
 
 
 def windows(batches: list[dict], workers: int = 2, window: int = W) -> dict[tuple[int, int], list[dict]]:
-    """A rank's epoch by (worker slot, window): batch b comes from slot b % workers (handoff.py's round-robin)."""
+    """A rank's epoch by (worker slot, window): batch b comes from slot b % workers (worker_handoff.py's round-robin)."""
     out: dict[tuple[int, int], list[dict]] = {}
     for b, batch in enumerate(batches):
         out.setdefault((b % workers, b // workers // window), []).append(batch)
@@ -180,7 +180,7 @@ def test_ranks_take_the_same_modality_at_the_same_step(shards):
 def test_text_only_and_image_only_batches_train_the_same_graph(shards):
     """A grouped text-only batch and an image-only batch each give a finite loss and gradients on the same vision
     weights (the model's dummy image: the same graph on every rank); the text-only batch's are exactly 0."""
-    from mmtrain.data.tokenizer import image_token_id
+    from mmtrain.data.loader.image_token import image_token_id
     from mmtrain.model import VisionLanguageModel, num_image_slots, tiny_config
     from mmtrain.train.runtime import model_inputs
 

@@ -9,12 +9,12 @@ from loader_fixtures import tiny_tokenizer, write_shard_set
 from test_fastpaths import loader_config, model_size_shards
 from test_stream import assert_same_batches, config, take_then_resume
 
-from mmtrain.data import handoff, stream
+from mmtrain.data.loader import stream, worker_handoff
 from mmtrain.data.chunking import chunked
-from mmtrain.data.handoff import batches_per_transfer, in_slot_order
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.pixelring import PREFETCH
-from mmtrain.data.stream import RING_BYTES, StreamLoader, build_loader
+from mmtrain.data.loader.worker_handoff import batches_per_transfer, in_slot_order
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.pixel_buffers import PREFETCH
+from mmtrain.data.loader.stream import RING_BYTES, StreamLoader, build_loader
 
 
 def tagged(slot, n):
@@ -25,7 +25,7 @@ def test_transfers_group_a_workers_batches_in_order():
     assert [[b["i"] for b in t] for t in chunked(iter(tagged(0, 7)), 3)] == [[0, 1, 2], [3, 4, 5], [6]]
     assert batches_per_transfer(8, workers=1) == 4 and batches_per_transfer(5, workers=2) == 7
     assert batches_per_transfer(8, workers=0) == 1 and batches_per_transfer(100, workers=2) == 1
-    assert batches_per_transfer(0.0, workers=1) == handoff.TRANSFER_SAMPLES  # a text-free packed probe
+    assert batches_per_transfer(0.0, workers=1) == worker_handoff.TRANSFER_SAMPLES  # a text-free packed probe
     assert batches_per_transfer(8, workers=1, samples=1) == 1 and batches_per_transfer(8, 1, samples=17) == 3
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmtrain.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, preprocess, resize_image, sample_rng
+from mmtrain.data.loader.images import CLIP_MEAN, CLIP_STD, ImageConfig, preprocess, resize_image, sample_rng
 
 
 def jpeg(img, fmt="PNG"):
@@ -63,7 +63,7 @@ def test_augmentation_off_by_default_and_seeded():
 
 
 def test_batch_normalize_from_decoded_layout_is_identical():
-    from mmtrain.data.images import normalize_batch, normalize_hwc_batch
+    from mmtrain.data.loader.images import normalize_batch, normalize_hwc_batch
 
     cfg = ImageConfig(size=6)
     hwc = np.random.default_rng(0).integers(0, 256, (3, 6, 6, 3), dtype=np.uint8)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmtrain.data import jpeg
-from mmtrain.data.jpeg import ImageRejected, reencode_image
-from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE
+from mmtrain.data.shards import image_encoding
+from mmtrain.data.shards.image_encoding import ImageRejected, reencode_image
+from mmtrain.data.shards.records import BAD_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE
 
 
 def _photo(size=(64, 48), **save) -> bytes:
@@ -40,8 +40,8 @@ def _exif(orientation: int, byteorder: str) -> bytes:
 def _both_paths(monkeypatch, source, *args, **kw):
     """(fast-path result, PIL-only result): each bytes, or the ImageRejected's (reason, message)."""
     out = []
-    for module in (jpeg.simplejpeg, None):
-        monkeypatch.setattr(jpeg, "simplejpeg", module)
+    for module in (image_encoding.simplejpeg, None):
+        monkeypatch.setattr(image_encoding, "simplejpeg", module)
         try:
             out.append(reencode_image(source, *args, **kw))
         except ImageRejected as exc:
@@ -50,7 +50,7 @@ def _both_paths(monkeypatch, source, *args, **kw):
 
 
 def test_simplejpeg_is_installed() -> None:
-    assert jpeg.simplejpeg is not None, "the builder's fast path needs simplejpeg (install_requires)"
+    assert image_encoding.simplejpeg is not None, "the builder's fast path needs simplejpeg (install_requires)"
 
 
 def test_upright_rgb_jpeg_within_size_passes_byte_for_byte(monkeypatch) -> None:
@@ -71,7 +71,7 @@ def test_downscaled_bytes_equal_to_the_pil_path(monkeypatch, max_side: int) -> N
 def test_exif_orientation_read_as_pil_reads_it(monkeypatch, orientation: int, byteorder: str) -> None:
     data = _with_segment(_photo(), 0xE1, _exif(orientation, byteorder))
     assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == orientation
-    assert jpeg._plain_jpeg_orientation(data) == orientation
+    assert image_encoding._plain_jpeg_orientation(data) == orientation
     fast, slow = _both_paths(monkeypatch, data, 64)
     assert fast == slow
     assert (fast is data) == (orientation == 1)
@@ -95,7 +95,7 @@ def test_other_inputs_take_the_pil_path_with_the_same_result(monkeypatch, kind: 
         img.save(buf, format="PNG" if "png" in kind else "JPEG")
         data = buf.getvalue()
     if kind in ("xmp", "mpf", "bad_exif"):
-        assert jpeg._plain_jpeg_orientation(data) is None
+        assert image_encoding._plain_jpeg_orientation(data) is None
     fast, slow = _both_paths(monkeypatch, data, 64)
     assert fast == slow
     out = Image.open(io.BytesIO(fast))
@@ -118,7 +118,7 @@ def test_corrupt_data_pil_tolerates_is_still_accepted(monkeypatch) -> None:
     data = _photo()
     corrupt = data[:-2] + b"\x00\x01\x02" + data[-2:]
     with pytest.raises(ValueError):
-        jpeg.simplejpeg.decode_jpeg(corrupt, strict=True)
+        image_encoding.simplejpeg.decode_jpeg(corrupt, strict=True)
     fast, slow = _both_paths(monkeypatch, corrupt, 64)
     assert fast == slow == corrupt
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from mmtrain.cli import main
-from mmtrain.data.merge import merge_shard_sets, shard_keys
-from mmtrain.data.plan import load_shards
-from mmtrain.data.writer import read_manifest
+from mmtrain.data.shards.merge import merge_shard_sets, shard_keys
+from mmtrain.data.loader.shard_plan import load_shards
+from mmtrain.data.shards.writer import read_manifest
 from mmtrain.errors import UserError
 
 ROWS = 60

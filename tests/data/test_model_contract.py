@@ -5,9 +5,10 @@ import pytest
 import torch
 from loader_fixtures import tiny_tokenizer, write_shard_set
 
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.stream import LoaderConfig, build_loader
-from mmtrain.data.tokenizer import image_token_id
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.stream import build_loader
+from mmtrain.data.loader.image_token import image_token_id
 from mmtrain.model import VisionLanguageModel, num_image_slots, tiny_config
 from mmtrain.train.runtime import model_inputs
 

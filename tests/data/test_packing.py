@@ -10,10 +10,10 @@ import pytest
 from loader_fixtures import break_json, tiny_tokenizer, write_shard_set
 from test_stream import all_keys, config, run_ranks, take_then_resume
 
-from mmtrain.data import packing
-from mmtrain.data.collate import padding_waste
-from mmtrain.data.skips import SkippedSampleWarning
-from mmtrain.data.stream import build_loader
+from mmtrain.data.loader import packing
+from mmtrain.data.loader.collate import padding_waste
+from mmtrain.data.loader.bad_samples import SkippedSampleWarning
+from mmtrain.data.loader.stream import build_loader
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from loader_fixtures import tiny_tokenizer, write_shard_set
 from test_stream import assert_same_batches, config
 
-from mmtrain.data.stream import build_loader
+from mmtrain.data.loader.stream import build_loader
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import json
 
 import webdataset as wds
 
-from mmtrain.data.shardio import ShardReader, _tarfile_members, _ustar_members
-from mmtrain.data.tarmember import end_of_archive, tar_member
+from mmtrain.data.loader.tar_index import ShardReader, _tarfile_members, _ustar_members
+from mmtrain.data.shards.tar_members import end_of_archive, tar_member
 
 
 def write_ustar(path, samples):

@@ -7,8 +7,9 @@ import pytest
 import torch
 from loader_fixtures import tiny_tokenizer, write_shard_set
 
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.stream import LoaderConfig, build_loader
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.stream import build_loader
 from mmtrain.errors import UserError
 
 

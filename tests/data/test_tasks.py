@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmtrain.data.catalog import Product
-from mmtrain.data.tasks import (ATTRIBUTE_PROMPTS, ATTRIBUTE_QA_PROMPTS, CAPTION_PROMPTS, CATEGORY_PROMPTS,
+from mmtrain.data.shards.catalog import Product
+from mmtrain.data.shards.product_tasks import (ATTRIBUTE_PROMPTS, ATTRIBUTE_QA_PROMPTS, CAPTION_PROMPTS, CATEGORY_PROMPTS,
                                 FREEFORM_QA, TASKS, Draws, product_samples, safe_key_part)
 
 SHIRT = Product("15970", "Turtle Check Men Navy Blue Shirt", "", ("Apparel", "Topwear", "Shirts"),

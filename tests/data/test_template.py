@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 from loader_fixtures import tiny_tokenizer
 
-from mmtrain.data.template import IGNORE_INDEX, Renderer, SampleDropped, render_masked
-from mmtrain.data.tokenizer import image_token_id
+from mmtrain.data.loader.templates import IGNORE_INDEX, Renderer, SampleDropped, render_masked
+from mmtrain.data.loader.image_token import image_token_id
 
 SLOTS = 4
 CONV = [

@@ -5,7 +5,8 @@ from loader_fixtures import write_shard_set
 from transformers import AutoTokenizer
 
 from mmtrain.cli import main
-from mmtrain.data.tokenizer import IMAGE_TOKEN, image_token_id, iter_shard_texts
+from mmtrain.data.loader.image_token import IMAGE_TOKEN, image_token_id
+from mmtrain.data.loader.tokenizer import iter_shard_texts
 
 TEXTS = ["What is the blue shirt item number 12?", "It is a cotton  kurta #5.\n\n### Response:\n",
          " leading space and ünïcode ☃", "Human: AI: <image>"]
@@ -47,8 +48,8 @@ def test_cli_user_errors(tmp_path, capsys):
 
 def test_template_strings_tokenize_compactly(tmp_path):
     """Every rendered sample starts with the system line: the tokenizer must learn it as words, not characters."""
-    from mmtrain.data.template import TEMPLATES
-    from mmtrain.data.tokenizer import train_tokenizer
+    from mmtrain.data.loader.templates import TEMPLATES
+    from mmtrain.data.loader.tokenizer import train_tokenizer
 
     import random
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from mmtrain.data.build import build_from_catalog
-from mmtrain.data.tokenizer import image_token_id, iter_shard_texts, load_tokenizer, train_tokenizer
-from mmtrain.data.writer import BuildOptions, build_shards, split_of
-from mmtrain.data.records import Sample, WorkItem
+from mmtrain.data.shards.build import build_from_catalog
+from mmtrain.data.loader.image_token import image_token_id
+from mmtrain.data.loader.tokenizer import iter_shard_texts, load_tokenizer, train_tokenizer
+from mmtrain.data.shards.writer import BuildOptions, build_shards, split_of
+from mmtrain.data.shards.records import Sample, WorkItem
 from mmtrain.model import VisionLanguageModel
 from mmtrain.model.presets import tiny_config
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.template import Renderer
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.templates import Renderer
 from mmtrain.eval import evaluate, format_table, majority_baseline, write_results
 from mmtrain.eval.evaluate import read_samples
 from mmtrain.eval.generate import GREY, Generator, load_model

@@ -10,9 +10,9 @@ from typing import Iterator
 
 import pytest
 
-from mmtrain.data.build import build_from_catalog
-from mmtrain.data.tokenizer import iter_shard_texts, train_tokenizer
-from mmtrain.data.writer import BuildOptions
+from mmtrain.data.shards.build import build_from_catalog
+from mmtrain.data.loader.tokenizer import iter_shard_texts, train_tokenizer
+from mmtrain.data.shards.writer import BuildOptions
 
 from slurm_helpers import SlurmCluster, try_install
 

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.config import load_recipe
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.stream import LoaderConfig, build_loader
-from mmtrain.data.tokenizer import load_tokenizer
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.stream import build_loader
+from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.model import num_image_slots
 from mmtrain.train.stage_model import model_config
 

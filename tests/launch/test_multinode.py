@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mmtrain.launching import free_port
-from mmtrain.data.writer import read_manifest
+from mmtrain.data.shards.writer import read_manifest
 
 from train_helpers import metrics, stage, write_recipe
 

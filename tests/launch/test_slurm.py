@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mmtrain.data.writer import read_manifest
+from mmtrain.data.shards.writer import read_manifest
 from mmtrain.launching import free_port
 from mmtrain.train.checkpoint import list_complete
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.attention.flex_attention as torch_flex
 
-from mmtrain.data.collate import Example, pack
+from mmtrain.data.loader.collate import Example, pack
 from mmtrain.errors import UserError
 from mmtrain.model.attention import check_window, cu_seqlens, dense_document_mask, resolve_attention
 from mmtrain.model.presets import tiny_config

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from mmtrain.config import load_recipe
-from mmtrain.data.stream import LoaderConfig, build_loader
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.stream import build_loader
 from mmtrain.model import num_image_slots
 from mmtrain.train.checkpoint import latest_complete
 from mmtrain.train.engine import RunOptions, Trainer, _model_inputs

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from shard_surgery import png_header, read_samples, white_jpeg, with_conv, write_samples
 
-from mmtrain.data.build import build_from_catalog
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.plan import load_shards
-from mmtrain.data.stream import LoaderConfig, build_loader
-from mmtrain.data.tarmember import tar_member
-from mmtrain.data.tokenizer import load_tokenizer
-from mmtrain.data.writer import BuildOptions
+from mmtrain.data.shards.build import build_from_catalog
+from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.loader.shard_plan import load_shards
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.stream import build_loader
+from mmtrain.data.shards.tar_members import tar_member
+from mmtrain.data.loader.tokenizer import load_tokenizer
+from mmtrain.data.shards.writer import BuildOptions
 from mmtrain.launching import run_ranks
 
 from train_helpers import REPO, metrics, stage, write_recipe

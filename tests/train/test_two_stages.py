@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmtrain.config import load_recipe
-from mmtrain.data.tokenizer import load_tokenizer
+from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.launching import run_ranks
 from mmtrain.model import VisionLanguageModel
 from mmtrain.train.checkpoint import list_complete

@@ -8,14 +8,32 @@ A connector turns vision features into what the LLM consumes. Two kinds:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from mmtrain.model.config import VLMConfig
-    from mmtrain.model.connectors.media import MediaState
+from mmtrain.model.connectors.media import MediaState
+
+
+class ModelShape(Protocol):
+    """What a connector reads of the model's config (`mmtrain.model.config.VLMConfig` is the one implementation;
+    naming it here would tie the registry and the config into an import circle)."""
+
+    connector: str
+    connector_config: dict[str, Any]
+
+    def connector_options(self) -> Any: ...
+
+    def vision_geometry(self) -> tuple[int, bool, int]: ...
+
+    def num_vision_tokens(self) -> int: ...
+
+    @property
+    def llm_hidden_size(self) -> int: ...
+
+    @property
+    def llm_num_layers(self) -> int: ...
 
 CONNECTORS: dict[str, type["Connector"]] = {}
 
@@ -41,12 +59,12 @@ class Connector(nn.Module):
     options_class: ClassVar[type] = object
     splices: ClassVar[bool] = True
 
-    def __init__(self, config: "VLMConfig"):
+    def __init__(self, config: ModelShape):
         super().__init__()
         self.options: Any = config.connector_options()
 
     @classmethod
-    def num_slots(cls, config: "VLMConfig") -> int:
+    def num_slots(cls, config: ModelShape) -> int:
         """Placeholder tokens per image in the text."""
         raise NotImplementedError
 
@@ -61,7 +79,7 @@ class Connector(nn.Module):
     def detach(self) -> None:
         """Remove the hooks `attach` added."""
 
-    def condition(self, media: "MediaState | None") -> None:
+    def condition(self, media: MediaState | None) -> None:
         """Set the media the hooks read during the next LLM calls; None makes the LLM run bare."""
 
     def lora_targets(self, role: str) -> list[str]:

@@ -26,17 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
-from mmtrain.data import collate as collate_mod
-from mmtrain.data.collate import Example
-from mmtrain.data.plan import Source
-from mmtrain.data.shardio import ShardReader
-from mmtrain.data.skips import check_sample
-from mmtrain.data.template import Renderer
-
-if TYPE_CHECKING:
-    from mmtrain.data.slot import SlotStream
+from mmtrain.data.loader.shard_plan import Source
+from mmtrain.data.loader.tar_index import ShardReader
+from mmtrain.data.loader.bad_samples import check_sample
+from mmtrain.data.loader.templates import Renderer
 
 MARGIN = 0.92
 """Samples per step assumed when sizing the epoch, as a fraction of what the probe packs: slack for slots whose
@@ -71,6 +66,15 @@ class Probe:
         return sum(i * w for i, w in zip(self.images, self.weights)) / sum(self.weights) if self.weights else 1.0
 
 
+def best_fit(free: list[int], n: int) -> int | None:
+    """The row with the least room that still holds n tokens."""
+    best = None
+    for r, room in enumerate(free):
+        if room >= n and (best is None or room < free[best]):
+            best = r
+    return best
+
+
 def simulate(lengths: list[int], rows: int, max_length: int) -> float:
     """Samples per step when `lengths` (repeated) are packed as `SlotPacker._fill` does without quota pressure."""
     if not lengths:
@@ -93,7 +97,7 @@ def simulate(lengths: list[int], rows: int, max_length: int) -> float:
                 queue.append(n)
             else:
                 break
-            r = _best_fit(free, n)
+            r = best_fit(free, n)
             if r is None:
                 misses += 1
                 i += 1
@@ -143,143 +147,6 @@ def probe_sources(sources: list[Source], renderer: Renderer, limit: int = PROBE,
 def epoch_batches(samples_per_slot: int, probe: Probe, rows: int, max_length: int) -> int:
     """Batches per slot per epoch: enough steps for the slot's samples at the probe's samples per step."""
     return max(1, math.ceil(samples_per_slot / (MARGIN * probe.samples_per_budget(rows, max_length))))
-
-
-@dataclass
-class Item:
-    """A sample read by the slot: its index in the slot's epoch stream and the state snapshot taken before it."""
-
-    index: int
-    snapshot: dict
-    example: Example
-
-
-def _best_fit(free: list[int], n: int) -> int | None:
-    """The row with the least room that still holds n tokens."""
-    best = None
-    for r, room in enumerate(free):
-        if room >= n and (best is None or room < free[best]):
-            best = r
-    return best
-
-
-class SlotPacker:
-    """Runs one slot's packed epoch on top of a SlotStream (which reads, renders, decodes and counts)."""
-
-    def __init__(self, stream: "SlotStream", rows: int, quota: int, batches: int, per_step: float,
-                 exact: bool):
-        self.s, self.rows, self.quota, self.batches, self.per_step = stream, rows, quota, batches, per_step
-        self.exact = exact
-        self.max_length = stream.cfg.max_length
-        pack = stream.state.setdefault("pack", fresh_pack_state())
-        self.quota_done = pack["quota"]
-        self.next_index = pack["base"]
-        self.queue: list[Item] = []
-        pending = set(pack["pending"])
-        for offset in range(pack["ahead"]):  # replay: re-read what was read after the snapshot
-            item = self._read()
-            if offset in pending:
-                self.queue.append(item)
-
-    def _snapshot(self) -> dict:
-        st = self.s.state
-        return {"sources": [dict(c.position) for c in self.s.cursors], "read": st.get("read", 0),
-                "dropped": dict(st["dropped"]), "draws": st["draws"]}
-
-    def _read(self) -> Item:
-        snapshot = self._snapshot()
-        example = self.s._next_example()
-        index = self.next_index
-        self.next_index += 1
-        if index >= self.quota and self.exact:
-            example.filler = True
-        return Item(index, snapshot, example)
-
-    def _counts(self, item: Item) -> bool:
-        """Whether delivering `item` counts toward the epoch's quota: in an exact single-source epoch, the first
-        `quota` samples of the slot's stream; in a looping stream (mixture, resampled) any sample."""
-        return item.index < self.quota or not self.exact
-
-    def _place(self, item: Item, rows: list[list[Item]], free: list[int], grow: bool) -> bool:
-        n = len(item.example.input_ids)
-        r = _best_fit(free, n)
-        if r is None:
-            if not grow:
-                return False
-            rows.append([])
-            free.append(self.max_length)
-            r = len(rows) - 1
-        rows[r].append(item)
-        free[r] -= n
-        return True
-
-    def _fill(self, batch: int) -> list[list[Item]]:
-        """Rows for step `batch`: budget first (best-fit over waiting samples, then new ones, until LOOKAHEAD
-        samples fit nowhere), then extra rows if the step has not taken its share of the quota left."""
-        rows: list[list[Item]] = [[] for _ in range(self.rows)]
-        free = [self.max_length] * self.rows
-        misses = i = 0
-        while True:
-            if i < len(self.queue):
-                item = self.queue[i]
-            elif misses < LOOKAHEAD and max(free) > 0:
-                item = self._read()
-                self.queue.append(item)
-            else:
-                break
-            if self._place(item, rows, free, grow=False):
-                self.queue.pop(i)
-            else:
-                misses += 1
-                i += 1
-        left = self.quota - self.quota_done - sum(self._counts(it) for row in rows for it in row)
-        owed = left - math.floor((self.batches - batch - 1) * self.per_step)  # what later full steps cannot hold
-        while owed > 0:  # behind schedule: the oldest quota samples go into added rows
-            item = next((it for it in self.queue if self._counts(it)), None)
-            if item is None:
-                item = self._read()  # every quota sample not delivered is waiting or unread: this one counts
-                assert self._counts(item), (item.index, self.quota, self.quota_done)
-            else:
-                self.queue.remove(item)
-            self._place(item, rows, free, grow=True)
-            owed -= 1
-        return rows
-
-    def _cursor(self) -> dict:
-        """The slot state to publish: positions and counts from before the oldest waiting sample."""
-        st = self.s.state
-        if self.queue:
-            first = self.queue[0]
-            snap, base = first.snapshot, first.index
-        else:
-            snap, base = self._snapshot(), self.next_index
-        pack = {"base": base, "ahead": self.next_index - base, "pending": [it.index - base for it in self.queue],
-                "quota": self.quota_done}
-        return {**st, **snap, "sources": [dict(p) for p in snap["sources"]], "dropped": dict(snap["dropped"]),
-                "pack": pack}
-
-    def batches_iter(self) -> Iterator[dict]:
-        s = self.s
-        try:
-            for b in range(s.state["batches"], self.batches):
-                rows = self._fill(b)
-                placed = [it for row in rows for it in row]
-                self.quota_done += sum(self._counts(it) for it in placed)
-                examples = [it.example for it in placed]
-                index_rows, k = [], 0
-                for row in rows:
-                    index_rows.append(list(range(k, k + len(row))))
-                    k += len(row)
-                s.state["batches"] += 1
-                batch = collate_mod.pack_arrays(examples, s.pad_id, s.cfg.image.shape, self.max_length,
-                                                s.cfg.pad_to_multiple, rows=index_rows, min_rows=self.rows)
-                s.ship_pixels(batch, [it.example for it in self.queue])
-                state = self._cursor()
-                s.state["pack"] = state["pack"]
-                batch["cursor"] = (s.slot, state)
-                yield batch
-        finally:
-            s.reader.close()
 
 
 def end_epoch(state: dict, loop: bool) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from mmtrain.data.records import BAD_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE
+from mmtrain.data.shards.records import BAD_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE
 
 try:  # libjpeg-turbo straight to numpy; an install dependency, but the PIL path alone is complete without it
     import simplejpeg

@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mmtrain.data.images import hwc_to_nchw_uint8
-from mmtrain.data.template import IGNORE_INDEX
+from mmtrain.data.loader.images import hwc_to_nchw_uint8
+from mmtrain.data.loader.templates import IGNORE_INDEX
 
 Pixels = torch.Tensor | Sequence[np.ndarray]
 

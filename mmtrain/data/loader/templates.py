@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from mmtrain.data.tokencache import TokenCache
-from mmtrain.data.image_token import IMAGE_TOKEN, image_token_id
+from mmtrain.data.loader.token_cache import TokenCache
+from mmtrain.data.loader.image_token import IMAGE_TOKEN, image_token_id
 
 IGNORE_INDEX = -100
 
@@ -152,7 +152,7 @@ class Renderer:
         t = self.template
         fixed = [t.system + t.system_suffix, *t.fixed_strings(), t.user_suffix, t.assistant_suffix, t.image_suffix]
         self.tokens = TokenCache(batch_encoder(tokenizer), fixed)
-        """Token ids of the pieces, cached (bounded) so repeated strings are tokenized once (tokencache.py)."""
+        """Token ids of the pieces, cached (bounded) so repeated strings are tokenized once (token_cache.py)."""
         self._slot_run = [self.image_id] * num_image_slots
         self._eos = [tokenizer.eos_token_id]
         self._bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from mmtrain.data.images import ImageConfig, ImageTooLarge, decode_hwc, finish_hwc, finished
-from mmtrain.data.template import IMAGE_TOKEN
+from mmtrain.data.loader.images import ImageConfig, ImageTooLarge, decode_hwc, finish_hwc, finished
+from mmtrain.data.loader.templates import IMAGE_TOKEN
 
 DATA_REASONS = ("truncated_shard", "bad_json", "missing_fields", "bad_image", "image_too_large",
                 "image_count_mismatch", "bad_sample")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 from typing import Any, Iterator, Protocol, Sequence
 
-from mmtrain.data.collate import Example
+from mmtrain.data.loader.collate import Example
 from mmtrain.errors import UserError
 
 

@@ -23,7 +23,7 @@ from typing import BinaryIO, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
-from mmtrain.data.skips import BadSample
+from mmtrain.data.loader.bad_samples import BadSample
 
 BLOCK = 512
 CHUNK = 1 << 16

@@ -10,8 +10,8 @@ import hashlib
 import re
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
-from mmtrain.data.catalog import Product
-from mmtrain.data.records import Sample
+from mmtrain.data.shards.catalog import Product
+from mmtrain.data.shards.records import Sample
 
 IMAGE_MARK = "<image>"
 TASKS = ("caption", "category", "attributes", "attribute_qa", "freeform")

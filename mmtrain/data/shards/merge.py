@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmtrain.data.writer import MANIFEST, REJECTS, read_manifest, replace_dir
+from mmtrain.data.shards.writer import MANIFEST, REJECTS, read_manifest, replace_dir
 from mmtrain.errors import UserError
 
 MODES = ("link", "copy")

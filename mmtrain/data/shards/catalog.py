@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from mmtrain.errors import UserError
 from mmtrain.yamlfile import read_yaml_mapping
 
-from mmtrain.data.records import (DUPLICATE_ID, MALFORMED_ROW, MISSING_FIELD, MISSING_IMAGE, NOT_UTF8,
+from mmtrain.data.shards.records import (DUPLICATE_ID, MALFORMED_ROW, MISSING_FIELD, MISSING_IMAGE, NOT_UTF8,
                                   Reject)
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmtrain.data.plan import (Segment, Source, block_permutation, epoch_order, exact_segments,
+from mmtrain.data.loader.shard_plan import (Segment, Source, block_permutation, epoch_order, exact_segments,
                                resampled_segment)
-from mmtrain.data.shardio import ShardReader
+from mmtrain.data.loader.tar_index import ShardReader
 from mmtrain.errors import UserError
 
 

@@ -10,5 +10,5 @@ def image_token_id(tok) -> int:
     """Id of the image placeholder token; raises if the tokenizer does not have it."""
     idx = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if idx is None or idx == tok.unk_token_id:
-        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with mmtrain.data.tokenizer.load_tokenizer")
+        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with mmtrain.data.loader.tokenizer.load_tokenizer")
     return int(idx)

@@ -7,7 +7,7 @@ worker decodes its batch's images straight into ring slot `k mod depth` of buffe
 (worker, slot, k, positions). The main process normalizes them out of the slot (a copy) before asking for more.
 
 Safety: the DataLoader keeps at most `prefetch_factor` items in flight per worker, each a transfer of T batches
-(handoff.py), and the main process finishes a worker's transfer before it takes that worker's next one. So a worker
+(worker_handoff.py), and the main process finishes a worker's transfer before it takes that worker's next one. So a worker
 starts transfer t only once the main process has received transfer t - prefetch, i.e. is done with every batch before
 (t - prefetch) T; while it writes batch k <= (t + 1) T - 1, the main process reads no batch before (t - prefetch) T,
 and `depth = (prefetch + 2) T` slots never collide: they need more than (prefetch + 1) T (T = 1: prefetch + 2, as

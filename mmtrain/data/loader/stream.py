@@ -1,9 +1,9 @@
 """Streaming loader: shard sets → per-(rank, worker) sample streams → mixed → templated → collated batches.
 
 The only data module that knows about ranks. Stages, in order (each a small function or class):
-  plan (plan.py: shard order per epoch, split by rank × worker) → read (shardio.py: seek into tar shards, webdataset
+  plan (shard_plan.py: shard order per epoch, split by rank × worker) → read (tar_index.py: seek into tar shards, webdataset
   grouping/decoding) → cursor (cursor.py: block shuffle, exact position) → mix (seeded, counter-based draws by
-  weight) → check (skips.py: bad samples skipped with a warning, or raised) → render template (drop samples
+  weight) → check (bad_samples.py: bad samples skipped with a warning, or raised) → render template (drop samples
   with nothing to learn) → decode images → batch → collate/pack. Skips and drops are counted per reason in the
   cursor. One slot's producer (read → … → ship) is `slot.SlotStream`; this module holds the configuration, the epoch
   arithmetic and the main-process side (hand-off from the workers, pixels out of the ring, the cursor).
@@ -16,25 +16,25 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmtrain.data import collate as collate_mod
-from mmtrain.data import handoff
-from mmtrain.data.affinity import local_world_size, pin_worker
 from mmtrain.data.chunking import chunked
-from mmtrain.data.cursor import fresh_position
-from mmtrain.data.grouping import WINDOW, check_config, layout
-from mmtrain.data.images import ImageConfig
-from mmtrain.data.packing import LOOKAHEAD, Probe, end_epoch, epoch_batches, probe_sources
-from mmtrain.data.pixelring import PREFETCH, PixelRing
-from mmtrain.data.plan import Source, make_sources, samples_per_slot
-from mmtrain.data.skips import merge_counts
-from mmtrain.data.slot import SlotStream, copy_state
-from mmtrain.data.template import Renderer
+from mmtrain.data.loader import collate as collate_mod
+from mmtrain.data.loader import worker_handoff
+from mmtrain.data.loader.bad_samples import merge_counts
+from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.cpu_affinity import local_world_size, pin_worker
+from mmtrain.data.loader.cursor import fresh_position
+from mmtrain.data.loader.epoch import Plan
+from mmtrain.data.loader.grouping import layout
+from mmtrain.data.loader.packing import LOOKAHEAD, end_epoch, probe_sources
+from mmtrain.data.loader.pixel_buffers import PREFETCH, PixelRing
+from mmtrain.data.loader.shard_plan import make_sources
+from mmtrain.data.loader.slot import SlotStream, copy_state
+from mmtrain.data.loader.templates import Renderer
 from mmtrain.errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,72 +42,6 @@ RING_BYTES = 64 << 20
 """Cap on the shared pixel ring per rank: transfers shrink to fit it (or `ring_budget()`, where /dev/shm is small),
 and packed steps' slots. A padded ring of one-batch transfers is not capped (batch_size images per slot)."""
 STATE_VERSION = 1  # cursors without `read` (taken before it was counted) load with read = 0
-
-
-@dataclass
-class LoaderConfig:
-    """Every knob of the streaming loader, with its default."""
-
-    data: Any
-    """One shard-set directory / manifest, or a mixture: a list of `{shards: DIR | [DIR...], weight: float}`."""
-    num_image_slots: int
-    """Placeholder tokens per image: `mmtrain.model.num_image_slots(config)` (abstractor 65, mlp patches, xattn 1,
-    layerwise 0: no tokens, the image sits at the first token after its mark)."""
-    template: str = "owl"
-    split: str = "train"
-    batch_size: int = 8
-    """Samples per step on each rank; with `pack`, rows of `max_length` tokens per step (a token budget)."""
-    max_length: int = 2048
-    truncate: bool = True
-    """Cut longer samples (dropped if no label survives); False: drop every sample longer than max_length."""
-    mode: str = "exact"
-    """`exact`: each sample once per epoch; `resampled`: endless seeded shard draws (needs samples_per_epoch)."""
-    samples_per_epoch: int | None = None
-    """Samples per epoch over all ranks; default one pass over a single source, or the mixture's total."""
-    uneven: str = "pad"
-    """When samples do not divide over ranks × workers: `pad` repeats a few (flagged `filler`), `trim` drops them."""
-    drop_last: bool = False
-    seed: int = 0
-    shuffle: bool = True
-    shuffle_buffer: int = 1000
-    pack: bool = False
-    """Fill `batch_size` rows of `max_length` tokens per step with whole samples (see packing.py, docs/loader.md)."""
-    group_by: str = "none"
-    """`modality_length`: each batch holds image or text-only samples of similar length (grouping.py); `none`."""
-    group_window: int = WINDOW
-    """Batches read and grouped together with `group_by` (per worker: its decoded images are held, its start re-read
-    on resume)."""
-    pad_to_multiple: int = 8
-    num_workers: int = 2
-    transfer_samples: int = handoff.TRANSFER_SAMPLES
-    """Samples a worker sends per DataLoader item, in whole batches (handoff.py: the item's fixed cost is paid
-    once for several batches). Batches, order and cursor do not depend on it; the pixel ring grows with it."""
-    persistent_workers: bool = True
-    """Keep the DataLoader workers from one epoch to the next (each carries its slot's cursor into the next epoch
-    itself, as the main process does): no fork per epoch, and the copy-on-write and first-touch page faults of a fresh
-    worker are paid once per run. A resume (`load_state_dict`) or an epoch left early starts fresh workers."""
-    pin_workers: bool = False
-    """Keep each worker on one core of this process's CPU set, taken from the end (affinity.py: which core, and why
-    it is off by default)."""
-    image: ImageConfig = field(default_factory=ImageConfig)
-    on_error: str = "raise"
-    """`raise` on an unreadable sample (BadSample: a ValueError naming shard, key and reason) or `warn`: skip it
-    with one warning naming shard, key and reason, count it, read the next (see docs/loader.md, Bad samples)."""
-    max_image_pixels: int = 64_000_000
-    """An image whose header declares more pixels is refused before it is decoded (`image_too_large`)."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("exact", "resampled"):
-            raise UserError(f"loader mode must be 'exact' or 'resampled', got {self.mode!r}")
-        if self.uneven not in ("pad", "trim"):
-            raise UserError(f"uneven must be 'pad' or 'trim', got {self.uneven!r}")
-        if self.on_error not in ("raise", "warn"):
-            raise UserError(f"on_error must be 'raise' or 'warn', got {self.on_error!r}")
-        if self.max_image_pixels < 1:
-            raise UserError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
-        if self.batch_size < 1 or self.num_workers < 0 or self.transfer_samples < 1:
-            raise UserError("batch_size and transfer_samples must be >= 1 and num_workers >= 0")
-        check_config(self.group_by, self.group_window, self.pack)
 
 
 def shm_free_bytes() -> int | None:
@@ -139,39 +73,6 @@ def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     return rank, world_size
-
-
-class Plan:
-    """Epoch arithmetic shared by every slot: counts are computed from manifests before reading a byte."""
-
-    def __init__(self, cfg: LoaderConfig, sources: list[Source], world_size: int, probe: Probe | None = None):
-        self.workers = max(1, cfg.num_workers)
-        self.num_slots = world_size * self.workers
-        single = len(sources) == 1 and cfg.mode == "exact" and cfg.samples_per_epoch is None
-        self.loop = not single
-        if cfg.mode == "resampled" and cfg.samples_per_epoch is None:
-            raise UserError("mode 'resampled' needs samples_per_epoch")
-        total = sources[0].samples if single else (cfg.samples_per_epoch or sum(s.samples for s in sources))
-        self.samples_per_slot = samples_per_slot(total, self.num_slots, cfg.uneven)
-        if self.samples_per_slot == 0:
-            raise UserError(f"{total} samples per epoch cannot feed {self.num_slots} ranks × workers")
-        full, rest = divmod(self.samples_per_slot, cfg.batch_size)
-        self.batches_per_slot = full + (1 if rest and not cfg.drop_last else 0)
-        self.probe = probe
-        if cfg.pack:  # a token budget per step: the epoch is sized from the length probe (packing.py)
-            assert probe is not None, "packing needs a length probe"
-            self.samples_per_step = probe.samples_per_budget(cfg.batch_size, cfg.max_length)
-            self.batches_per_slot = epoch_batches(self.samples_per_slot, probe, cfg.batch_size, cfg.max_length)
-        if self.batches_per_slot == 0:
-            raise UserError(f"{self.samples_per_slot} samples per worker < batch_size {cfg.batch_size} with drop_last")
-        self.steps_per_epoch = self.batches_per_slot * self.workers
-        """Batches every rank yields per epoch (the same on all ranks)."""
-
-    def batch_sizes(self, batch_size: int) -> list[int]:
-        sizes = [batch_size] * (self.samples_per_slot // batch_size)
-        if len(sizes) < self.batches_per_slot:
-            sizes.append(self.samples_per_slot % batch_size)
-        return sizes
 
 
 def _as_sent(batch: dict) -> dict:
@@ -207,7 +108,7 @@ class StreamDataset(IterableDataset):
         self.per_transfer = loader.per_transfer
 
     def __iter__(self) -> Iterator[list[dict]]:
-        """Lists of `per_transfer` batches (handoff.py)."""
+        """Lists of `per_transfer` batches (worker_handoff.py)."""
         info = get_worker_info()
         worker = 0 if info is None else info.id
         if info is not None and self.cfg.pin_workers:
@@ -218,7 +119,7 @@ class StreamDataset(IterableDataset):
         # replay of read-ahead samples moves the live state before the first batch)
         batches = SlotStream(self.cfg, self.sources, self.plan, self.renderer, self.pad_id, slot,
                              self.states[slot], self.ring, worker).batches()
-        for transfer in chunked(batches, self.per_transfer):  # transfers (handoff.py)
+        for transfer in chunked(batches, self.per_transfer):  # transfers (worker_handoff.py)
             last = transfer[-1]["cursor"][1]
             yield transfer
         if info is not None:  # the epoch ran to its end: a persistent worker starts the next one from here
@@ -250,7 +151,7 @@ class StreamLoader:
         """The DataLoader of persistent workers (`persistent_workers`), kept between complete epochs."""
         self._reusable = False
         self.per_transfer = self._transfer_batches()
-        """Batches per DataLoader item (handoff.py); the pixel ring holds (prefetch + 2) transfers per worker."""
+        """Batches per DataLoader item (worker_handoff.py); the pixel ring holds (prefetch + 2) transfers per worker."""
 
     def __len__(self) -> int:
         return self.plan.steps_per_epoch
@@ -262,7 +163,7 @@ class StreamLoader:
         slots = [self.rank * self.plan.workers + w for w in range(self.plan.workers)]
         complete = False
         try:
-            for batch in handoff.in_slot_order(iter(loader), slots, self.batches_in_epoch,
+            for batch in worker_handoff.in_slot_order(iter(loader), slots, self.batches_in_epoch,
                                                self.plan.steps_per_epoch):
                 slot, state = batch.pop("cursor")
                 ref = batch.pop("pixel_ring", None)
@@ -313,7 +214,7 @@ class StreamLoader:
             running._shutdown_workers()  # what the DataLoader iterator's own __del__ does
 
     def _ring_depth(self) -> int:
-        """Batch slots per worker: (prefetch + 2) transfers (the safety argument is in pixelring.py)."""
+        """Batch slots per worker: (prefetch + 2) transfers (the safety argument is in pixel_buffers.py)."""
         return (PREFETCH + 2) * self.per_transfer
 
     def _images_per_batch(self) -> int:
@@ -333,7 +234,7 @@ class StreamLoader:
         """`transfer_samples` in whole batches, fewer if the ring would pass `ring_budget()` (never below 1: a
         padded ring of one-batch transfers keeps its size, as before transfers)."""
         per_batch = self.plan.samples_per_step if self.cfg.pack else self.cfg.batch_size
-        wanted = handoff.batches_per_transfer(per_batch, self.cfg.num_workers, self.cfg.transfer_samples)
+        wanted = worker_handoff.batches_per_transfer(per_batch, self.cfg.num_workers, self.cfg.transfer_samples)
         per_transfer = self._images_per_batch() * self._image_bytes_all_workers() * (PREFETCH + 2)
         return max(1, min(wanted, ring_budget() // per_transfer))
 

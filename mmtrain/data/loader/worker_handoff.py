@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 TRANSFER_SAMPLES = 32
 """Default samples per DataLoader item (`LoaderConfig.transfer_samples`), rounded up to whole batches. The pixel ring
-holds (prefetch + 2) transfers per worker (pixelring.py), so this also sizes the ring."""
+holds (prefetch + 2) transfers per worker (pixel_buffers.py), so this also sizes the ring."""
 
 
 def batches_per_transfer(samples_per_batch: float, workers: int, samples: int = TRANSFER_SAMPLES) -> int:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from mmtrain.data.image_token import IMAGE_TOKEN, image_token_id  # noqa: F401  (the tokenizer's public names)
+from mmtrain.data.loader.image_token import IMAGE_TOKEN
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -62,7 +62,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
-    from mmtrain.data.template import TEMPLATES
+    from mmtrain.data.loader.templates import TEMPLATES
 
     lines = [t for t in texts if t.strip()]
     if not lines:

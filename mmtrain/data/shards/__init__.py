@@ -1,0 +1,1 @@
+"""Building shards: catalog and instruction files → validated samples → WebDataset tar shards + manifest."""
