@@ -11,7 +11,19 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import yaml
+
+from mmtrain.config import load_recipe
+from mmtrain.data.loader.tokenizer import iter_shard_texts, train_tokenizer
+from mmtrain.data.shards.build import build_from_catalog
+from mmtrain.data.shards.merge import SOURCE_DEFAULTS
+from mmtrain.data.shards.product_tasks import TASKS
+from mmtrain.data.shards.writer import BuildOptions, read_manifest
 from mmtrain.errors import UserError
+from mmtrain.eval import evaluate, format_table, load_model, majority_baseline, write_results
+from mmtrain.launching import run_ranks
+from mmtrain.train.checkpoint import latest_complete
+from mmtrain.train.export import export_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "shards" / "sample"
@@ -74,10 +86,6 @@ IMAGE_SIZE = 96
 
 
 def build_shard_set(folder: Path, spec: ShardSet, catalog: Path) -> None:
-    from mmtrain.data.shards.build import build_from_catalog
-    from mmtrain.data.shards.product_tasks import TASKS
-    from mmtrain.data.shards.writer import BuildOptions
-
     options = BuildOptions(out=folder, image_size=IMAGE_SIZE, workers=2, shard_size=500, overwrite=True,
                            val_fraction=VAL_FRACTION)
     summary = build_from_catalog(SPEC, catalog, None, options, tasks=spec.tasks or TASKS, per_task=spec.per_task,
@@ -90,10 +98,6 @@ def build_shard_set(folder: Path, spec: ShardSet, catalog: Path) -> None:
 def check_reusable(folder: Path, spec: ShardSet, catalog: Path) -> None:
     """A shard set already in the demo's folder (a rerun resumes) must be what this demo would build: one left by an
     older demo with other options, or built from another `--catalog`, would silently train and score on other data."""
-    from mmtrain.data.shards.merge import SOURCE_DEFAULTS
-    from mmtrain.data.shards.product_tasks import TASKS
-    from mmtrain.data.shards.writer import read_manifest
-
     manifest = read_manifest(folder)
     source = {**SOURCE_DEFAULTS, **(manifest.get("source") or {})}  # fields newer than the manifest read as off
     have = {k: source.get(k) for k in ("catalog", "tasks", "per_task", "text_only", "val_every_attribute",
@@ -111,8 +115,6 @@ def check_reusable(folder: Path, spec: ShardSet, catalog: Path) -> None:
 
 def data_overrides(recipe: Path, built: dict[str, Path]) -> list[str]:
     """`--set` lines pointing the recipe's `shards/built/sample-*` shard sets at the demo's own (`built`: name → dir)."""
-    import yaml
-
     out = []
     for i, stage in enumerate(yaml.safe_load(recipe.read_text(encoding="utf-8"))["stages"]):
         for j, source in enumerate(stage.get("data", [])):
@@ -124,8 +126,6 @@ def data_overrides(recipe: Path, built: dict[str, Path]) -> list[str]:
 
 def build_inputs(out: Path, catalog: Path) -> tuple[dict[str, Path], Path, dict[str, float]]:
     """The demo's shard sets (name → folder) and tokenizer under `out`, each built unless already there."""
-    from mmtrain.data.loader.tokenizer import iter_shard_texts, train_tokenizer
-
     timings: dict[str, float] = {}
     built = {name: out / "shards" / spec.folder for name, spec in SHARD_SETS.items()}
     for name, spec in SHARD_SETS.items():
@@ -145,10 +145,6 @@ def build_inputs(out: Path, catalog: Path) -> tuple[dict[str, Path], Path, dict[
 
 def run_demo(out: Path, ranks: int = 2, catalog: Path | None = None, steps_scale: float = 1.0,
              overrides: list[str] | None = None) -> dict[str, Any]:
-    from mmtrain.launching import run_ranks
-    from mmtrain.train.checkpoint import latest_complete
-    from mmtrain.train.export import export_checkpoint
-
     out = out.resolve()
     started = time.perf_counter()
     built, tokenizer, timings = build_inputs(out, catalog or SAMPLE / "styles.csv")
@@ -156,8 +152,6 @@ def run_demo(out: Path, ranks: int = 2, catalog: Path | None = None, steps_scale
     args = ["--recipe", str(RECIPE), "--out", str(run), "--resume", "--set", f"tokenizer={tokenizer}",
             *data_overrides(RECIPE, built)]
     if steps_scale != 1.0:
-        from mmtrain.config import load_recipe
-
         for i, stage in enumerate(load_recipe(RECIPE).stages):
             args += ["--set", f"stages.{i}.steps={max(2, int(stage.steps * steps_scale))}",
                      "--set", f"stages.{i}.save_every=0"]
@@ -201,8 +195,6 @@ def _metric(metrics: dict[str, Any], task: str, key: str) -> float | None:
 
 def evaluate_demo(model_dir: Path, shards: Path, out: Path) -> dict[str, Any]:
     """Validation scores of the trained model, the same with every image grey, and the majority baseline."""
-    from mmtrain.eval import evaluate, format_table, load_model, majority_baseline, write_results
-
     loaded = load_model(model_dir)
     predictions: list[dict[str, Any]] = []
     model = evaluate(loaded, shards, split="val", batch_size=64, max_new_tokens=48, predictions=predictions)

@@ -148,3 +148,49 @@ def test_model_never_imports_deepspeed():
     for name, path in all_modules().items():
         if name.startswith("mmtrain.model"):
             assert "import deepspeed" not in path.read_text(), name
+
+
+def lazy_imports_without_a_reason(path: Path) -> list[str]:
+    """In-function imports that are neither guarded by `try` (an optional or version-dependent module) nor carry a
+    comment (on their line or the line above) saying why they wait."""
+    source = path.read_text()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for s in t.body for n in ast.walk(s)}
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in guarded:
+                continue
+            here, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
+            block_above = above.startswith(("from ", "import ")) or above.startswith("#")
+            if "#" in here or above.startswith("#") or (block_above and _block_has_comment(lines, node.lineno - 2)):
+                continue
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {here.strip()}")
+    return found
+
+
+def _block_has_comment(lines: list[str], index: int) -> bool:
+    """Whether the run of import lines ending at `index` (0-based) starts under a comment line."""
+    while index >= 0 and lines[index].strip().startswith(("from ", "import ")):
+        index -= 1
+    return index >= 0 and lines[index].strip().startswith("#")
+
+
+def test_the_lazy_import_checker(tmp_path, monkeypatch):
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    import os\n\n\ndef g():\n    import os  # lazy: why\n\n\n"
+                      "def h():\n    try:\n        import tomllib\n    except ImportError:\n        pass\n")
+    assert lazy_imports_without_a_reason(module) == ["m.py:2: import os"]
+
+
+def test_in_function_imports_say_why():
+    """Commands import their work inside `run` so `mmtrain --help` starts without torch (mmtrain/commands/__init__.py
+    says so once); everywhere else an import waits only for a stated reason."""
+    found = [row for name, path in all_modules().items()
+             if not name.startswith("mmtrain.commands") and name != "mmtrain.cli"
+             for row in lazy_imports_without_a_reason(path)]
+    assert found == []

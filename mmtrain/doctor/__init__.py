@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from mmtrain.config import Recipe
 from mmtrain.doctor.context import Context
 from mmtrain.doctor.data_checks import check_shard_count, check_shards
@@ -19,9 +21,10 @@ from mmtrain.doctor.length_checks import check_sequence_length
 from mmtrain.doctor.model_checks import check_disk, check_model_paths
 from mmtrain.doctor.report import Check, failures, format_table
 from mmtrain.doctor.runtime_checks import (check_attention, check_deepspeed, check_device, check_ds_config,
-                                          check_versions)
+                                           check_versions)
 from mmtrain.doctor.stage_checks import check_stages
 from mmtrain.doctor.tokenizer_checks import check_tokenizer, check_vocabulary
+from mmtrain.train.dsconfig import resolve_precision
 
 CHECKS: list[tuple[str, Callable[[Context], Check]]] = [
     ("shards", check_shards),
@@ -43,8 +46,6 @@ CHECKS: list[tuple[str, Callable[[Context], Check]]] = [
 
 def default_device_type() -> str:
     """What the trainer trains on (train/engine.init_distributed): cuda when torch sees a GPU, else cpu."""
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -52,8 +53,6 @@ def run_checks(recipe: Recipe, world_size: int, out: Path | None = None, device_
                build_ops: bool = False) -> list[Check]:
     """Every check of `recipe` for a run on `world_size` ranks writing under `out` (default: the working
     directory). A check that crashes becomes a FAIL row naming the exception rather than hiding the others."""
-    from mmtrain.train.dsconfig import resolve_precision
-
     if world_size < 1:
         raise ValueError(f"world_size must be ≥ 1, got {world_size}")
     device_type = device_type or default_device_type()

@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from transformers import AutoTokenizer
+
 from mmtrain.config import Recipe, StageSpec
+from mmtrain.data.loader.shard_plan import load_shards
+from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
+from mmtrain.model import VisionLanguageModel, apply_stage_policy
+from mmtrain.train.stage_model import model_config
 
 TRAINER_NUM_WORKERS = 1
 """The trainer's loader workers when a stage's `loader` mapping does not name num_workers (see train/engine.py)."""
@@ -47,8 +54,6 @@ class Context:
     def raw_tokenizer(self) -> Any:
         """The tokenizer exactly as saved (to see which special tokens it really has)."""
         def build() -> Any:
-            from transformers import AutoTokenizer
-
             if not self.recipe.tokenizer:
                 raise UserError("the recipe names no tokenizer (tokenizer: DIR)")
             if not Path(self.recipe.tokenizer).is_dir():
@@ -59,8 +64,6 @@ class Context:
     def tokenizer(self) -> Any:
         """The tokenizer as the trainer uses it (load_tokenizer adds a missing `<image>` / pad)."""
         def build() -> Any:
-            from mmtrain.data.loader.tokenizer import load_tokenizer
-
             self.raw_tokenizer()  # same errors, reported once
             return load_tokenizer(self.recipe.tokenizer)
         return self._get("tokenizer", build)
@@ -69,8 +72,6 @@ class Context:
     def model_config(self) -> Any:
         """The trainer's VLMConfig (train/stage_model.model_config: preset + overrides + tokenizer ids)."""
         def build() -> Any:
-            from mmtrain.train.stage_model import model_config
-
             try:
                 tok = self.tokenizer()
             except Unavailable as exc:
@@ -84,10 +85,6 @@ class Context:
     def meta_model(self) -> Any:
         """The model built on the meta device: shapes and parameter counts, no weights, no memory."""
         def build() -> Any:
-            import torch
-
-            from mmtrain.model import VisionLanguageModel
-
             config = self.model_config()
             with torch.device("meta"):
                 return VisionLanguageModel.from_config(config, pretrained=False)
@@ -96,10 +93,6 @@ class Context:
     def trainable(self, index: int) -> dict[str, int]:
         """Stage `index`'s trainable parameters by part, from its freeze / LoRA policy applied to a meta copy."""
         def build() -> dict[str, int]:
-            import torch
-
-            from mmtrain.model import apply_stage_policy
-
             stage = self.recipe.stages[index]
             model = copy.deepcopy(self.meta_model())
             with torch.device("meta"):
@@ -112,8 +105,6 @@ class Context:
     def shards(self, spec: str | list[str]) -> list[Any]:
         """The train split's shards of one data source (plan.load_shards: the loader's own manifest reader)."""
         def build() -> list[Any]:
-            from mmtrain.data.loader.shard_plan import load_shards
-
             try:
                 return load_shards(spec, "train")
             except ValueError as exc:  # json.JSONDecodeError

@@ -18,8 +18,11 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmtrain.data.loader.image_token import IMAGE_TOKEN
+from mmtrain.data.loader.templates import IGNORE_INDEX, Renderer, SampleDropped
 from mmtrain.doctor.context import Context, Unavailable, stage_label
 from mmtrain.doctor.report import Check, row
+from mmtrain.model import num_image_slots
 
 PROBE_SAMPLES = 256
 """Samples read (JSON members only) from the first shard of each source."""
@@ -46,8 +49,6 @@ def _manifest_lower_bound(spec: str | list[str]) -> int:
 
 def probe_source(ctx: Context, spec: str | list[str]) -> Probe:
     """Most images per sample and a few conversations of one source (tar headers + small JSON members only)."""
-    from mmtrain.data.loader.image_token import IMAGE_TOKEN
-
     shards = ctx.shards(spec)
     probe = Probe(max_images=_manifest_lower_bound(spec))
     with tarfile.open(shards[0].path) as tf:
@@ -66,9 +67,6 @@ def probe_source(ctx: Context, spec: str | list[str]) -> Probe:
 
 def needed_length(renderer, images: int) -> int:
     """Tokens up to and including the first learned one, for a sample with `images` images and no text."""
-    from mmtrain.data.loader.templates import IGNORE_INDEX
-    from mmtrain.data.loader.image_token import IMAGE_TOKEN
-
     conversation = [{"role": "user", "content": IMAGE_TOKEN * images}, {"role": "assistant", "content": ""}]
     labels = renderer.render(conversation).labels
     return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
@@ -76,9 +74,6 @@ def needed_length(renderer, images: int) -> int:
 
 def check_sequence_length(ctx: Context) -> Check:
     """See the module docstring: FAIL when no sample with the most images can keep a label, WARN on truncation."""
-    from mmtrain.data.loader.templates import Renderer, SampleDropped
-    from mmtrain.model import num_image_slots
-
     try:
         tok, config = ctx.tokenizer(), ctx.model_config()
         slots = num_image_slots(config)

@@ -16,8 +16,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from mmtrain.doctor.context import Context, Unavailable, stage_label
 from mmtrain.doctor.report import Check, row
+from mmtrain.model import VLMConfig, preset_config
+from mmtrain.model.vlm import WEIGHTS_NAME
 
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
                  "patch_size")
@@ -27,8 +31,6 @@ TEXT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
 
 def _hf_config(path: str, part: str) -> dict[str, Any]:
     """The checkpoint's config as a dict (AutoConfig fills defaults); the vision part of a full CLIP / SigLIP."""
-    from transformers import AutoConfig
-
     if not Path(path).is_dir():
         raise ValueError(f"model.{part}_path {path} does not exist")
     if not (Path(path) / "config.json").is_file():
@@ -47,9 +49,6 @@ def _mismatches(expected: dict[str, Any], found: dict[str, Any], fields: tuple[s
 def check_model_paths(ctx: Context) -> Check:
     """Each local path exists and its config.json matches the shapes the recipe's model config expects, so a wrong
     directory fails here instead of as a shape error while loading weights on rank 0."""
-    from mmtrain.model import VLMConfig, preset_config
-    from mmtrain.model.vlm import WEIGHTS_NAME
-
     spec = ctx.recipe.model
     problems: list[tuple[str, str]] = []
     if spec.init:

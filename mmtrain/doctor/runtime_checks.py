@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from mmtrain.doctor.context import Context, stage_label
 from mmtrain.doctor.report import Check, row
+from mmtrain.errors import UserError
+from mmtrain.model.attention import resolve_attention
+from mmtrain.train.dsconfig import deepspeed_config
+from mmtrain.versions import library_versions
 
 
 def _offload(config: dict[str, Any], what: str) -> str | None:
@@ -16,9 +23,6 @@ def _offload(config: dict[str, Any], what: str) -> str | None:
 
 def stage_ds_configs(ctx: Context) -> list[tuple[str, dict[str, Any] | None, str | None]]:
     """(stage label, resolved config or None, error) for every stage, as the trainer resolves them."""
-    from mmtrain.errors import UserError
-    from mmtrain.train.dsconfig import deepspeed_config
-
     out = []
     for stage in ctx.recipe.stages:
         try:
@@ -69,7 +73,7 @@ def check_deepspeed(ctx: Context) -> Check:
     needed = {"async_io" for _, config, _ in stage_ds_configs(ctx)
               if config and "nvme" in (_offload(config, "offload_optimizer"), _offload(config, "offload_param"))}
     for name in sorted(needed):
-        from deepspeed.ops.op_builder import AsyncIOBuilder
+        from deepspeed.ops.op_builder import AsyncIOBuilder  # after the guarded `import deepspeed` above
 
         builder = AsyncIOBuilder()
         if not builder.is_compatible(verbose=False):
@@ -87,9 +91,6 @@ def check_deepspeed(ctx: Context) -> Check:
 
 def check_device(ctx: Context) -> Check:
     """CUDA + NCCL (GPU) or gloo (CPU) for the process group, and the precision supported on that device."""
-    import torch
-    import torch.distributed as dist
-
     problems: list[tuple[str, str]] = []
     if not dist.is_available():
         return Check("device & backend", "FAIL", "this torch build has no torch.distributed")
@@ -116,8 +117,6 @@ def check_device(ctx: Context) -> Check:
 def check_versions(ctx: Context) -> Check:
     """The versions of torch, transformers, peft, deepspeed and webdataset, each against the range mmtrain declares
     (the tested one, see mmtrain/versions.py): outside it, a WARN naming the library, its version and the range."""
-    from mmtrain.versions import library_versions
-
     libraries = library_versions()
     problems = [("WARN", f"{lib.name} {lib.installed or 'not installed'} is outside the tested range "
                          f"{lib.tested_text}") for lib in libraries if not lib.within]
@@ -130,9 +129,6 @@ def check_versions(ctx: Context) -> Check:
 def check_attention(ctx: Context) -> Check:
     """The recipe's `attention:` can run on this device (flex trains on CUDA only; varlen needs torch's kernel on
     CUDA), and `compile: true` meets no ZeRO-3 stage (torch.compile cannot trace ZeRO-3's gathering hooks)."""
-    from mmtrain.errors import UserError
-    from mmtrain.model.attention import resolve_attention
-
     problems: list[tuple[str, str]] = []
     chosen = set()
     for stage in ctx.recipe.stages:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from mmtrain.data.loader.config import LoaderConfig
 from mmtrain.doctor.context import Context, Unavailable, stage_label
 from mmtrain.doctor.report import Check, row
+from mmtrain.model.lora import PARTS
 
 TRAINER_SETS = {"data", "num_image_slots", "template", "batch_size", "max_length", "pack", "seed", "image"}
 """LoaderConfig fields the trainer fills from the stage itself (see train/engine.py `_loader`)."""
@@ -18,9 +20,6 @@ TRAINER_SETS = {"data", "num_image_slots", "template", "batch_size", "max_length
 def check_stages(ctx: Context) -> Check:
     """loader keys are LoaderConfig fields, lr_per_part names real parts, and the freeze / LoRA policy applies to
     the model (built on the meta device) and leaves something to train."""
-    from mmtrain.data.loader.config import LoaderConfig
-    from mmtrain.model.lora import PARTS
-
     known = {f.name for f in dataclasses.fields(LoaderConfig)}
     problems: list[tuple[str, str]] = []
     summary = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmtrain.data.loader.image_token import IMAGE_TOKEN, image_token_id
+from mmtrain.data.loader.templates import get_template
 from mmtrain.doctor.context import Context, Unavailable
 from mmtrain.doctor.report import Check, row
 
@@ -25,9 +27,6 @@ def check_tokenizer(ctx: Context) -> Check:
     """The tokenizer as saved (not as load_tokenizer patches it) has `<image>`, EOS and pad (FAIL) and BOS (WARN);
     the template exists. Why FAIL rather than let load_tokenizer add them: an added token gets a new id past the
     saved vocabulary and an untrained embedding, and a pretrained LLM's vocabulary may have no room for it."""
-    from mmtrain.data.loader.templates import get_template
-    from mmtrain.data.loader.image_token import IMAGE_TOKEN
-
     problems: list[tuple[str, str]] = []
     try:
         get_template(ctx.recipe.template)
@@ -63,8 +62,6 @@ def check_vocabulary(ctx: Context) -> Check:
     """Tokenizer ids fit the model's embedding table. From scratch the trainer sizes the vocabulary from the
     tokenizer (nothing to check); with `model.llm_path` or `model.init` the vocabulary is fixed: every token id must
     be below it, and an `init` model's image / eos / pad ids (kept from its config) must equal the tokenizer's."""
-    from mmtrain.data.loader.image_token import image_token_id
-
     spec = ctx.recipe.model
     try:
         tok = ctx.tokenizer()

@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mmtrain.data.loader.split_records import iter_shard_samples
 from mmtrain.data.shards.product_tasks import TASKS
 from mmtrain.eval.scoring import attribute_name, category_kind, freeform_question, score_items
 
@@ -76,8 +77,6 @@ class MajorityBaseline:
 def read_items(shards_dir: str | Path, split: str, tasks: Sequence[str] | None = None,
                limit: int | None = None) -> list[dict[str, Any]]:
     """Scoring items of a shard split (images dropped), in shard order, at most `limit`."""
-    from mmtrain.data.loader.split_records import iter_shard_samples
-
     items = []
     for record in iter_shard_samples(Path(shards_dir), split):
         item = sample_item(record)

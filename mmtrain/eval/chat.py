@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
+from PIL import Image, UnidentifiedImageError
+
 from mmtrain.errors import UserError
 from mmtrain.eval.generate import Generator
 from mmtrain.eval.prompts import Prompt, user_turn
@@ -20,8 +22,6 @@ HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
 
 def read_image(path: str | Path) -> bytes:
     """An image file's bytes, checked to decode (a bad path is the user's mistake, reported in one line)."""
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"{p}: no such image file")

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from mmtrain.data.loader.split_records import iter_shard_samples
 from mmtrain.data.shards.product_tasks import TASKS
 from mmtrain.errors import UserError
 from mmtrain.eval.baseline import sample_item
@@ -32,8 +33,6 @@ def check_tasks(tasks: Sequence[str] | None) -> list[str] | None:
 def read_samples(shards_dir: str | Path, split: str, tasks: Sequence[str] | None,
                  limit: int | None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(record with images, scoring item) of the split's product-task samples, in shard order, at most `limit`."""
-    from mmtrain.data.loader.split_records import iter_shard_samples
-
     folder = Path(shards_dir)
     if not (folder / "manifest.json").is_file():
         raise UserError(f"{folder}: no manifest.json (not a shard directory)")

@@ -15,8 +15,13 @@ import torch
 
 from mmtrain.data.loader.images import ImageConfig, decode_image, normalize_batch, resize_image, to_uint8
 from mmtrain.data.loader.templates import Renderer
+from mmtrain.data.loader.templates import get_template
+from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.eval.prompts import Prompt, left_padded, render_prompt, right_padded_with_answers
+from mmtrain.model import VisionLanguageModel
+from mmtrain.model.lora import load_adapter
+from mmtrain.model.vlm import WEIGHTS_NAME
 
 GREY = 128
 """The `--blank-images` ablation's pixel value (all three channels): a constant mid-grey image."""
@@ -73,11 +78,6 @@ def load_model(model_dir: str | Path, template: str | None = None, device: str |
                dtype: torch.dtype | None = None) -> LoadedModel:
     """A VisionLanguageModel directory (`mmtrain export` output or a trainer `stages/<name>/` folder) with its
     tokenizer; an unmerged `adapter/` (export without `--merge`) is loaded on top of the base weights."""
-    from mmtrain.data.loader.templates import get_template
-    from mmtrain.data.loader.tokenizer import load_tokenizer
-    from mmtrain.model import VisionLanguageModel
-    from mmtrain.model.vlm import WEIGHTS_NAME
-
     folder = Path(model_dir)
     if not (folder / "config.json").is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise UserError(f"{folder}: not a model directory (needs config.json and {WEIGHTS_NAME}; "
@@ -91,8 +91,6 @@ def load_model(model_dir: str | Path, template: str | None = None, device: str |
         raise UserError(str(exc)) from None
     model = VisionLanguageModel.from_pretrained(folder)
     if (folder / "adapter" / "adapter_config.json").is_file():
-        from mmtrain.model.lora import load_adapter
-
         load_adapter(model, folder / "adapter")
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:

@@ -35,6 +35,7 @@ HF_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "mmtrain_flex", "flash_varlen": "mm
 def flex_unavailable() -> str | None:
     """Why torch's flex_attention cannot run here, or None."""
     try:
+        # probe only (the import is the test)
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
     except ImportError:
         return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (torch >= 2.5 does)"
@@ -46,6 +47,7 @@ def varlen_unavailable(device_type: str) -> str | None:
     if device_type != "cuda":
         return None
     try:
+        # probe only (the import is the test)
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.9 does)"
@@ -105,7 +107,7 @@ def dense_document_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.fl
 
 def document_block_mask(segment_ids: torch.Tensor) -> Any:
     """[B, T] segment ids → a flex_attention `BlockMask` allowing exactly what `dense_document_mask` allows."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask  # lazy: flex is one of three choices
 
     segments = segment_ids.to(torch.int32)
     batch, length = segments.shape
@@ -146,7 +148,7 @@ _compiled_flex: dict[str, Any] = {}
 
 def _flex_kernel(device_type: str) -> Any:
     """flex_attention compiled once per process on CUDA (its fused Triton kernel); the reference math elsewhere."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # lazy: flex is one of three choices
 
     if device_type != "cuda":
         return flex_attention
@@ -159,7 +161,7 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                            attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """[B, H, T, D] q and [B, H_kv, T, D] k/v → [B, T, H, D], attending where `attention_mask` (a BlockMask) allows."""
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask  # lazy: flex is one of three choices
 
     if dropout:
         raise UserError("attention: flex does not apply attention dropout; set the LLM's attention_dropout to 0")
@@ -204,7 +206,7 @@ def _causal_per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 def _varlen_cuda(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: torch.Tensor, longest: int,
                  scaling: float | None) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # lazy: its import costs ~0.9 s (torch compile machinery)
 
     parameters = inspect.signature(varlen_attn).parameters
     causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
@@ -224,7 +226,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     batches) transformers' sdpa with the mask it built."""
     bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # lazy: unpacked batches only
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     if dropout:
@@ -243,6 +245,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 def register_attention_functions() -> None:
     """Make `mmtrain_flex` and `mmtrain_varlen` known to transformers (attention and mask interfaces)."""
+    # lazy: registration runs once, when a model first asks for flex or varlen
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 

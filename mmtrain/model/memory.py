@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmtrain.model.config import VLMConfig
+from mmtrain.model.lora import apply_stage_policy, parameter_counts
+from mmtrain.model.vlm import VisionLanguageModel
 
 GIB = 2**30
 
@@ -95,9 +97,6 @@ def estimate(config: VLMConfig, counts: dict[str, int], trainable: dict[str, int
 def stage_estimate(config: VLMConfig, vision: bool | int, connector: bool, llm: str, lora_roles: list[str],
                    r: int, shape: StageShape) -> MemoryEstimate:
     """Build on the meta device, apply the stage's freezing, count, estimate."""
-    from mmtrain.model.lora import apply_stage_policy, parameter_counts
-    from mmtrain.model.vlm import VisionLanguageModel
-
     with torch.device("meta"):
         model = VisionLanguageModel.from_config(config, pretrained=False)
         counts = parameter_counts(model)

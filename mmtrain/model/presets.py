@@ -14,6 +14,8 @@ import torch
 
 from mmtrain.errors import UserError
 from mmtrain.model.config import VLMConfig
+from mmtrain.model.lora import parameter_counts
+from mmtrain.model.vlm import VisionLanguageModel
 
 CLIP_VIT_L14_224: dict[str, Any] = {
     "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
@@ -93,8 +95,6 @@ def preset_config(name: str, vision_path: str | None = None, llm_path: str | Non
 
 def build_preset(name: str, vision_path: str | None = None, llm_path: str | None = None, pretrained: bool | None = None):
     """The model of a preset; paper-scale presets load their parts from the local paths (required)."""
-    from mmtrain.model.vlm import VisionLanguageModel
-
     config = preset_config(name, vision_path, llm_path)
     if pretrained is None:
         pretrained = name != "tiny"
@@ -120,9 +120,6 @@ class Summary:
 
 def summarize(name: str) -> Summary:
     """Counts from configs alone: the model is built on the meta device (no weights, no download)."""
-    from mmtrain.model.lora import parameter_counts
-    from mmtrain.model.vlm import VisionLanguageModel
-
     config = preset_config(name)
     with torch.device("meta"):
         model = VisionLanguageModel.from_config(config, pretrained=False)

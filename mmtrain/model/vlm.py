@@ -17,14 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmtrain.errors import UserError
 from mmtrain.model.attention import packed_attention_inputs, set_attention
 from mmtrain.model.config import VLMConfig
 from mmtrain.model.connectors import Connector, build_connector, connector_class
 from mmtrain.model.connectors.media import build_media
+from mmtrain.model.generation import generate
 from mmtrain.model.llm import build_llm, llm_class, load_llm
+from mmtrain.model.lora import merged_state_dict
 from mmtrain.model.vision import VisionTower, vision_class
 
 WEIGHTS_NAME = "model.safetensors"
@@ -61,8 +65,6 @@ class VisionLanguageModel(nn.Module):
     def from_config(cls, config: VLMConfig, pretrained: bool = False) -> "VisionLanguageModel":
         """Build the parts from their configs; `pretrained=True` loads vision / LLM from `vision_path` / `llm_path`."""
         if pretrained:
-            from mmtrain.errors import UserError
-
             missing = [n for n in ("vision_path", "llm_path") if not getattr(config, n)]
             if missing:
                 raise UserError(f"pretrained=True needs local checkpoint paths; unset: {', '.join(missing)}")
@@ -164,15 +166,11 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Greedy or sampled continuation with images; see `mmtrain.model.generation.generate`."""
-        from mmtrain.model.generation import generate
-
         return generate(self, input_ids, **kwargs)
 
     # ---- save / load ---------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json + model.safetensors. LoRA adapters, if injected, are merged into the saved base weights."""
-        from mmtrain.model.lora import merged_state_dict
-
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(path)
@@ -208,7 +206,6 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing weights")
-    from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as handle:
         aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))

@@ -6,6 +6,7 @@ part, so a crash during a save never leaves a "latest" that cannot be loaded. Re
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import os
@@ -56,7 +57,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
-    import ast
 
     version, internal, gauss = ast.literal_eval(state["python"])
     random.setstate((version, tuple(internal), gauss))

@@ -14,30 +14,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 from mmtrain.config import Recipe, StageSpec
-from mmtrain.data.loader.images import ImageConfig
 from mmtrain.data.loader.bad_samples import DATA_REASONS, TEMPLATE_REASONS
 from mmtrain.data.loader.config import LoaderConfig
+from mmtrain.data.loader.images import ImageConfig
 from mmtrain.data.loader.stream import build_loader
 from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, num_image_slots
 from mmtrain.model.attention import resolve_attention
-from mmtrain.train import checkpoint as ckpt
-from mmtrain.train import preemption
+from mmtrain.train import checkpoint as ckpt, preemption
+from mmtrain.train.dsconfig import deepspeed_config, resolve_precision, zero_stage
+from mmtrain.train.export import save_stage_weights
 from mmtrain.train.flops import FlopModel, batch_lengths, peak_flops, stage_flop_model
 from mmtrain.train.guards import NonFiniteGuard, local_weights_finite
 from mmtrain.train.heartbeat import Heartbeat
-from mmtrain.train.runtime import batch_composition, init_distributed
-from mmtrain.train.runtime import forever as _forever
-from mmtrain.train.runtime import model_inputs as _model_inputs
-from mmtrain.train.safe_load import use_safe_loading
-from mmtrain.train.export import save_stage_weights
-from mmtrain.train.dsconfig import deepspeed_config, resolve_precision, zero_stage
 from mmtrain.train.logging import MetricsLogger
+from mmtrain.train.runtime import (batch_composition, forever as _forever, init_distributed,
+                                   model_inputs as _model_inputs)
+from mmtrain.train.safe_load import use_safe_loading
 from mmtrain.train.stage_model import (build_stage_model, initial_state, model_config, optimizer_and_schedule,
                                        stage_weights)
 
@@ -227,8 +226,6 @@ class Trainer:
 
     def build_engine(self, index: int, ref: ckpt.CheckpointRef | None = None) -> "StageEngine":
         """Stage `index`'s DeepSpeed engine and loader, restored from `ref` when given. Collective."""
-        import deepspeed
-
         stage = self.recipe.stages[index]
         self.heartbeat.phase("build", stage=stage.name, stage_index=index, step=ref.step if ref else 0)
         ds_config = deepspeed_config(stage, self.world_size, self.precision)

@@ -26,6 +26,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    # lazy: start-up runs under the preemption handlers __main__ installed first (see the module docstring)
     from mmtrain.config import load_recipe
     from mmtrain.doctor import preflight
     from mmtrain.train.engine import RankFailure, RunOptions, Trainer

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 import yaml
+from peft import LoraConfig
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig
@@ -69,8 +71,6 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
 
     `mmtrain.json` (chat template) and `image_processor.json` (the trainer's preprocessing) go beside the weights,
     so eval / generate / chat use exactly what training used without being told."""
-    from transformers import AutoConfig
-
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     _save_safetensors(state, out / WEIGHTS_NAME)
@@ -95,8 +95,6 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
 
 def write_adapter(adapter: dict[str, torch.Tensor], lora: dict[str, Any], out: Path) -> None:
     """peft's format: adapter_config.json + adapter_model.safetensors (loadable by PeftModel.from_pretrained)."""
-    from peft import LoraConfig
-
     modules = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in adapter})
     LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0), target_modules=modules,
                bias="none").save_pretrained(str(out))
@@ -134,11 +132,11 @@ def save_stage_weights(module: torch.nn.Module, out: Path, rank: int, tokenizer_
 
 def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Full fp32 weights of a complete checkpoint (any ZeRO stage) and its trainer state, in a plain process."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     if not (checkpoint / ckpt.COMPLETE).is_file():
         raise UserError(f"{checkpoint} is not a complete mmtrain checkpoint (no {ckpt.COMPLETE})")
     trainer_state = ckpt.read_trainer_state(checkpoint)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # as in zero.py: doctor-safe
+
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     return dict(state), trainer_state
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmtrain.model.vlm import VisionLanguageModel
 
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     # dense tensor-core peaks from the vendors' data sheets (no sparsity); matched by substring of the device name
@@ -63,10 +66,6 @@ def linear_weights(module: nn.Module) -> tuple[int, int]:
 
 def forward_flops_per_image(config) -> tuple[float, float]:
     """Forward FLOPs of the vision tower and of the connector for one image, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mmtrain.model.vlm import VisionLanguageModel
-
     with torch.device("meta"):
         model = VisionLanguageModel.from_config(config, pretrained=False)
         size = int(config.vision_config.get("image_size", 224))

@@ -22,7 +22,7 @@ class MetricsLogger:
             out.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
             if enabled_tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: ~0.2 s, only for runs that log to it
 
                 self._tb = SummaryWriter(str(out / "tensorboard"))
 

@@ -3,22 +3,24 @@ the heartbeat records of a batch. Plain functions, so probes and tests can call 
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
+import deepspeed
 import torch
 import torch.distributed as dist
+
+from mmtrain.data.loader.images import normalize_pixels
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_slots", "position_ids", "segment_ids")
 
 
 def quiet_libraries() -> None:
     """DeepSpeed's INFO lines and torch's deprecation notices from inside DeepSpeed drown the progress bar."""
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -26,8 +28,6 @@ def quiet_libraries() -> None:
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Join the process group the launcher set up (deepspeed, torchrun or srun); a plain run is world size 1.
     `timeout_s` bounds every collective (a dead peer then raises instead of blocking forever)."""
-    import deepspeed
-
     quiet_libraries()
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun without a launcher
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
@@ -84,7 +84,6 @@ def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype
         if pixels.dtype == torch.uint8:
             if batch.get("pixel_norm") is None:
                 raise ValueError("uint8 pixel_values need the batch's pixel_norm (mean, std) to be normalized")
-            from mmtrain.data.loader.images import normalize_pixels
 
             pixels = normalize_pixels(pixels, *batch["pixel_norm"])
         out["pixel_values"] = pixels.to(dtype)

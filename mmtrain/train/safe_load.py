@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 
 def _allowed_globals() -> list[Any]:
@@ -47,8 +48,6 @@ def safe_torch_load(path: str, map_location: Any = None) -> Any:
 
 def use_safe_loading(engine: Any) -> None:
     """Swap the engine's torch checkpoint engine for one whose `load` is `safe_torch_load`."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
     current = getattr(engine, "checkpoint_engine", None)
     if type(current) is TorchCheckpointEngine:
         current.load = lambda path, map_location=None: safe_torch_load(path, map_location)

@@ -9,12 +9,14 @@ directory are the same path.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmtrain.config import Recipe, StageSpec
+from mmtrain.data.loader.image_token import image_token_id
 from mmtrain.errors import UserError
 from mmtrain.model import VisionLanguageModel, VLMConfig, apply_stage_policy, preset_config
 from mmtrain.model.compile import compile_decoder_blocks
@@ -29,7 +31,6 @@ def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
     spec = recipe.model
     if spec.init:
         return VLMConfig.from_pretrained(spec.init)
-    from mmtrain.data.loader.image_token import image_token_id
 
     config = preset_config(spec.preset, spec.vision_path, spec.llm_path)
     raw = config.to_dict()
@@ -133,8 +134,6 @@ def enable_checkpointing(model: VisionLanguageModel, parts: dict[str, bool]) -> 
 
 def apply_liger(model: VisionLanguageModel) -> bool:
     """liger-kernel's fused kernels on the LLM, in place; False (with a warning) when they cannot run here."""
-    import warnings
-
     if not torch.cuda.is_available():
         warnings.warn("kernels: liger needs a CUDA GPU; training with the plain modules")
         return False

@@ -17,7 +17,7 @@ from mmtrain.model import VLMConfig, part_classes
 
 
 def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
-    import deepspeed
+    import deepspeed  # lazy: doctor imports this module and reports a broken deepspeed as a row, not a crash
 
     zero3 = [p for p in params if hasattr(p, "ds_id")]
     return deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank, enabled=bool(zero3))
@@ -86,7 +86,7 @@ def partitioned_build(config: VLMConfig, ds_config: dict[str, Any] | None, enabl
     lacks `_kernel_funcs`). Hence the model's classes are imported before entering, and on exit a class defined
     inside whose `__init__` did not come back to its own is refused by name, instead of breaking the next build.
     """
-    import deepspeed
+    import deepspeed  # see partitioned_build
 
     if not enabled:
         yield

@@ -28,9 +28,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from mmtrain.data.loader.bad_samples import check_sample
 from mmtrain.data.loader.shard_plan import Source
 from mmtrain.data.loader.tar_index import ShardReader
-from mmtrain.data.loader.bad_samples import check_sample
 from mmtrain.data.loader.templates import Renderer
 
 MARGIN = 0.92

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from mmtrain.data.loader import collate as collate_mod
+from mmtrain.data.loader.bad_samples import BadSample, check_sample, count, load_image, warn_skipped
 from mmtrain.data.loader.collate import Example
 from mmtrain.data.loader.config import LoaderConfig
 from mmtrain.data.loader.cursor import SourceCursor, fresh_position
@@ -24,7 +25,6 @@ from mmtrain.data.loader.packing import LOOKAHEAD, best_fit, fresh_pack_state
 from mmtrain.data.loader.pixel_buffers import PixelRing, RingWriter
 from mmtrain.data.loader.shard_plan import Source
 from mmtrain.data.loader.tar_index import ShardReader
-from mmtrain.data.loader.bad_samples import BadSample, check_sample, count, load_image, warn_skipped
 from mmtrain.data.loader.templates import Rendered, Renderer, SampleDropped
 from mmtrain.errors import UserError
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmtrain.data.loader.tar_index import ShardReader
 from mmtrain.data.loader.bad_samples import BadSample, check_sample, warn_skipped
+from mmtrain.data.loader.tar_index import ShardReader
 from mmtrain.data.shards.writer import read_manifest
 from mmtrain.errors import UserError
 

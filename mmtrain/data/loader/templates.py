@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from mmtrain.data.loader.token_cache import TokenCache
 from mmtrain.data.loader.image_token import IMAGE_TOKEN, image_token_id
+from mmtrain.data.loader.token_cache import TokenCache
 
 IGNORE_INDEX = -100
 

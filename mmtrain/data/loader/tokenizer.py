@@ -15,15 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import sentencepiece as spm
+from transformers import AutoTokenizer, LlamaTokenizer
+
 from mmtrain.data.loader.image_token import IMAGE_TOKEN
+from mmtrain.data.loader.templates import TEMPLATES
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
 def load_tokenizer(path: str | os.PathLike):
     """Load any HF tokenizer directory and make sure it has the image placeholder and a pad token."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(path))
     ensure_special_tokens(tok)
     return tok
@@ -59,11 +61,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     occur in rendered samples, so they tokenize compactly (the owl system line: 30 pieces at 1,000, not 86). BPE
     training is deterministic: the same text gives the same model. Returns `out_dir`.
     """
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-
-    from mmtrain.data.loader.templates import TEMPLATES
-
     lines = [t for t in texts if t.strip()]
     if not lines:
         raise ValueError("no text to train a tokenizer on")

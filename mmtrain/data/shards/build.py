@@ -9,8 +9,8 @@ from typing import Iterator, Mapping, Sequence
 
 from mmtrain.data.shards.catalog import CatalogSpec, Product, read_catalog
 from mmtrain.data.shards.instruction_formats import read_format
-from mmtrain.data.shards.records import Reject, WorkItem
 from mmtrain.data.shards.product_tasks import TASKS, product_samples
+from mmtrain.data.shards.records import Reject, WorkItem
 from mmtrain.data.shards.writer import BuildOptions, BuildSummary, build_shards, split_of
 from mmtrain.errors import UserError
 

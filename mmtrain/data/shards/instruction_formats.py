@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mmtrain.data.shards.product_tasks import IMAGE_MARK, safe_key_part
 from mmtrain.data.shards.records import (DUPLICATE_ID, MALFORMED_ROW, MISSING_FIELD, MISSING_IMAGE, NOT_UTF8, Reject,
                                   Sample, WorkItem)
-from mmtrain.data.shards.product_tasks import IMAGE_MARK, safe_key_part
 from mmtrain.errors import UserError
 
 FORMATS = ("llava", "alpaca", "sharegpt")

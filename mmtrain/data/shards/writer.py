@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-import mmtrain
 from mmtrain.data.chunking import chunked
 from mmtrain.data.shards.image_encoding import DEFAULT_MAX_PIXELS, ImageRejected, reencode_image
 from mmtrain.data.shards.records import BAD_IMAGE, IMAGE_TOO_LARGE, Reject, WorkItem
 from mmtrain.data.shards.tar_members import end_of_archive, padding, tar_header
 from mmtrain.errors import UserError
+import mmtrain
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
