@@ -49,8 +49,15 @@ def _both_paths(monkeypatch, source, *args, **kw):
     return out
 
 
-def test_simplejpeg_is_installed() -> None:
-    assert image_encoding.simplejpeg is not None, "the builder's fast path needs simplejpeg (install_requires)"
+def test_the_fast_path_alone_decides_plain_jpegs() -> None:
+    """simplejpeg (install_requires) takes an upright JPEG without PIL: kept byte for byte when small enough, else
+    re-encoded to the long side; a rotated one is left to the PIL path (None)."""
+    data = _photo()
+    assert image_encoding._fast_path(data, 64, 90, 10**8, "a.jpg") is data
+    with Image.open(io.BytesIO(image_encoding._fast_path(data, 32, 90, 10**8, "a.jpg"))) as small:
+        assert small.size == (32, 24)
+    rotated = _with_segment(data, 0xE1, _exif(6, "II"))
+    assert image_encoding._fast_path(rotated, 64, 90, 10**8, "a.jpg") is None
 
 
 def test_upright_rgb_jpeg_within_size_passes_byte_for_byte(monkeypatch) -> None:

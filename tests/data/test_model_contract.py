@@ -3,6 +3,7 @@ with the slots per image taken from the model config (abstractor 65, mlp patches
 
 import pytest
 import torch
+import torch.nn.functional as F
 from loader_fixtures import tiny_tokenizer, write_shard_set
 
 from mmtrain.data.loader.images import ImageConfig
@@ -13,6 +14,14 @@ from mmtrain.model import VisionLanguageModel, num_image_slots, tiny_config
 from mmtrain.train.runtime import model_inputs
 
 SLOTS = {"abstractor": 65, "mlp": 17, "xattn": 1, "layerwise": 0}  # mlp: (32 / 8)² patches + CLS
+
+
+def assert_loss_is_the_labels_cross_entropy(out, labels: torch.Tensor) -> None:
+    """The model's loss is the next-token cross-entropy of its logits against the batch's labels (the contract:
+    labels are aligned with input_ids, -100 where nothing is learned), and there is something to learn."""
+    assert int((labels[:, 1:] != -100).sum()) > 0
+    expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,9 @@ def test_loader_batch_runs_forward_with_loss(shards, connector):
         else:  # the first token after the mark: the owl fixture writes "<image>\n", so a newline token
             assert tok.decode(ids[row, start:start + 1]).startswith("\n")
     with torch.no_grad():
-        out = model(**model_inputs(batch, torch.device("cpu"), torch.float32))
-    assert torch.isfinite(out.loss) and out.loss.item() > 0
+        inputs = model_inputs(batch, torch.device("cpu"), torch.float32)
+        out = model(**inputs)
+    assert_loss_is_the_labels_cross_entropy(out, inputs["labels"])
 
 
 def test_packed_layerwise_batch_runs_forward(shards):
@@ -61,4 +71,4 @@ def test_packed_layerwise_batch_runs_forward(shards):
         inputs = model_inputs(batch, torch.device("cpu"), torch.float32)
         assert torch.equal(inputs["segment_ids"], batch["segment_ids"])  # the model builds its document mask
         out = model(**inputs)
-    assert torch.isfinite(out.loss)
+    assert_loss_is_the_labels_cross_entropy(out, inputs["labels"])
