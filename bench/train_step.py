@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     from mmtrain.data.loader.tokenizer import load_tokenizer
     from mmtrain.model import VisionLanguageModel, apply_stage_policy, num_image_slots
     from mmtrain.train.dsconfig import deepspeed_config
-    from mmtrain.train.engine import _model_inputs, init_distributed
+    from mmtrain.train.runtime import init_distributed, model_inputs as _model_inputs
     from mmtrain.train.stage_model import build_stage_model, initial_state, model_config, optimizer_and_schedule
 
     paths = json.loads(args.paths)

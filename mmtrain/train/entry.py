@@ -29,8 +29,9 @@ def run_train(args: argparse.Namespace) -> int:
     # lazy: start-up runs under the preemption handlers __main__ installed first (see the module docstring)
     from mmtrain.config import load_recipe
     from mmtrain.doctor import preflight
-    from mmtrain.train.engine import RankFailure, RunOptions, Trainer
+    from mmtrain.train.engine import RankFailure, Trainer
     from mmtrain.train.heartbeat import HANG_EXIT_CODE, REPORT
+    from mmtrain.train.run_context import RunOptions
 
     recipe = load_recipe(args.recipe, args.set)
     options = RunOptions(out=Path(args.out), resume=args.resume, start_stage=args.start_stage,

@@ -1,6 +1,6 @@
 """Test-only probe, started by torchrun on every "node": which samples does each rank read in one epoch?
 
-Builds the first stage's loader exactly as the trainer does (`Trainer._loader`: same LoaderConfig fields, this rank
+Builds the first stage's loader exactly as the trainer does (`stage_setup.loader_config`, this rank
 and world size from the launcher's environment), iterates one whole epoch and writes `OUT/rank-R.json` with the
 keys of every batch, the filler flags, the samples dropped (by reason), and the node (GROUP_RANK) and local rank
 the launcher gave this process. It also joins a gloo process group and all-gathers the key count, so the rendezvous
@@ -19,11 +19,10 @@ import torch.distributed as dist
 
 from mmtrain.config import load_recipe
 from mmtrain.data.loader.images import ImageConfig
-from mmtrain.data.loader.config import LoaderConfig
 from mmtrain.data.loader.stream import build_loader
 from mmtrain.data.loader.tokenizer import load_tokenizer
-from mmtrain.model import num_image_slots
 from mmtrain.train.stage_model import model_config
+from mmtrain.train.stage_setup import loader_config
 
 
 def main() -> None:
@@ -38,12 +37,7 @@ def main() -> None:
     config = model_config(recipe, tokenizer)
     stage = recipe.stages[0]
     image = ImageConfig(**{"size": config.vision_config.get("image_size", 224), **recipe.image})
-    fields = {"data": [{"shards": d.shards, "weight": d.weight} for d in stage.data],
-              "num_image_slots": num_image_slots(config), "template": recipe.template, "batch_size": stage.micro_batch,
-              "max_length": stage.max_length, "pack": stage.pack, "seed": recipe.seed, "image": image,
-              "num_workers": 1}
-    fields.update(stage.loader)
-    loader = build_loader(LoaderConfig(**fields), tokenizer, rank, world_size)
+    loader = build_loader(loader_config(recipe, stage, config, image), tokenizer, rank, world_size)
     batches = [{"keys": list(b["keys"]), "filler": [bool(x) for x in b["filler"]]} for b in loader]
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
     dist.all_gather(counts, torch.tensor([sum(len(b["keys"]) for b in batches)]))

@@ -18,7 +18,7 @@ preemption.install()
 import torch  # noqa: E402
 
 import mmtrain.train.checkpoint as ckpt  # noqa: E402
-import mmtrain.train.engine as engine  # noqa: E402
+import mmtrain.train.stepping as stepping  # noqa: E402
 from mmtrain.train.entry import main  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def plant(kind: str, ranks: set[int], step: int) -> None:
 
         ckpt.write_rank_state = write_rank_state
     elif kind == "nan":
-        original_inputs = engine._model_inputs
+        original_inputs = stepping.model_inputs
         calls = [0]
 
         def model_inputs(batch, device, dtype):
@@ -48,7 +48,7 @@ def plant(kind: str, ranks: set[int], step: int) -> None:
                 out["pixel_values"] = torch.full_like(out["pixel_values"], float("nan"))
             return out
 
-        engine._model_inputs = model_inputs
+        stepping.model_inputs = model_inputs
     else:
         raise SystemExit(f"unknown fault {kind!r}")
 

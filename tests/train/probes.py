@@ -14,21 +14,24 @@ from mmtrain.data.loader.config import LoaderConfig
 from mmtrain.data.loader.stream import build_loader
 from mmtrain.model import num_image_slots
 from mmtrain.train.checkpoint import latest_complete
-from mmtrain.train.engine import RunOptions, Trainer, _model_inputs
+from mmtrain.train.engine import Trainer
+from mmtrain.train.run_context import RunOptions
+from mmtrain.train.runtime import model_inputs
 
 
 def engine_logits(args: argparse.Namespace) -> None:
     """Restore the latest checkpoint into a ZeRO-3 engine and save rank 0's first batch and its logits."""
     trainer = Trainer(load_recipe(args.recipe), RunOptions(out=Path(args.out), tensorboard=False))
-    trainer.heartbeat.close()  # this probe runs its own loop: no phases, so no watchdog
-    ref = latest_complete(trainer.checkpoints)
+    ctx = trainer.ctx
+    ctx.heartbeat.close()  # this probe runs its own loop: no phases, so no watchdog
+    ref = latest_complete(ctx.checkpoints)
     run = trainer.build_engine(ref.stage_index, ref)
     run.engine.eval()
     batch = next(iter(run.loader))
-    inputs = _model_inputs(batch, trainer.device, trainer.dtype)
+    inputs = model_inputs(batch, ctx.device, ctx.dtype)
     with torch.no_grad():
         logits = run.engine(**inputs).logits
-    if trainer.rank == 0:
+    if ctx.rank == 0:
         save_file({**{k: v.contiguous() for k, v in inputs.items()}, "logits": logits.contiguous()}, args.dump)
 
 
@@ -36,22 +39,23 @@ def unlike_batches(args: argparse.Namespace) -> None:
     """Rank 0 trains on text-only batches, rank 1 on image batches, under ZeRO-3: must not hang."""
     recipe = load_recipe(args.recipe)
     trainer = Trainer(recipe, RunOptions(out=Path(args.out), tensorboard=False))
-    trainer.heartbeat.close()  # this probe runs its own loop: no phases, so no watchdog
+    ctx = trainer.ctx
+    ctx.heartbeat.close()  # this probe runs its own loop: no phases, so no watchdog
     run = trainer.build_engine(0)
     stage = recipe.stages[0]
-    data = stage.data[1].shards if trainer.rank == 0 else stage.data[0].shards
-    loader = build_loader(LoaderConfig(data=data, num_image_slots=num_image_slots(trainer.config),
+    data = stage.data[1].shards if ctx.rank == 0 else stage.data[0].shards
+    loader = build_loader(LoaderConfig(data=data, num_image_slots=num_image_slots(ctx.config),
                                        batch_size=stage.micro_batch, max_length=stage.max_length, num_workers=0,
-                                       image=trainer.image_config), trainer.tokenizer, trainer.rank,
-                          trainer.world_size)
+                                       image=ctx.image_config), ctx.tokenizer, ctx.rank,
+                          ctx.world_size)
     record = []
     for _, batch in zip(range(3), loader):
-        out = run.engine(**_model_inputs(batch, trainer.device, trainer.dtype))
+        out = run.engine(**model_inputs(batch, ctx.device, ctx.dtype))
         run.engine.backward(out.loss)
         run.engine.step()
         images = 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0])
         record.append({"loss": out.loss.item(), "images": images})
-    Path(args.out, f"rank-{trainer.rank}.json").write_text(json.dumps(record))
+    Path(args.out, f"rank-{ctx.rank}.json").write_text(json.dumps(record))
     run.engine.destroy()  # leave no communication thread running into interpreter exit
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
