@@ -16,12 +16,13 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_ranks import add_worker_arguments, run_workers  # noqa: E402
 MODES = ("none", "modality_length")
 MICRO_BATCH = 8
 MAX_LENGTH = 256
@@ -163,26 +164,13 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--windows", type=int, default=2, help="grouping windows of batches drawn per rank")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--paths", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    from mmtrain.launching import run_ranks
-
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = prepare(Path(tmp))
-        result = Path(tmp) / "result.json"
-        done = run_ranks(args.ranks, ["--worker", "--windows", str(args.windows), "--rounds", str(args.rounds),
-                                      "--paths", json.dumps(paths), "--result", str(result)],
-                         log=Path(tmp) / "bench.log", module=str(Path(__file__).resolve()))
-        if done.returncode != 0:
-            print((Path(tmp) / "bench.log").read_text()[-4000:])
-            raise SystemExit(done.returncode)
-        report(json.loads(result.read_text()), args.ranks, args.rounds)
+    result = run_workers(__file__, args.ranks, ["--windows", str(args.windows), "--rounds", str(args.rounds)], prepare)
+    report(result, args.ranks, args.rounds)
 
 
 if __name__ == "__main__":

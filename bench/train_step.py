@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_ranks import add_worker_arguments, run_workers  # noqa: E402
 
 
 def prepare(root: Path) -> dict[str, str]:
@@ -151,26 +152,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--paths", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    from mmtrain.launching import run_ranks
-
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = prepare(Path(tmp))
-        result = Path(tmp) / "result.json"
-        done = run_ranks(args.ranks, ["--worker", "--steps", str(args.steps), "--paths", json.dumps(paths),
-                                      "--result", str(result)], log=Path(tmp) / "bench.log",
-                         module=str(Path(__file__).resolve()))
-        if done.returncode != 0:
-            print((Path(tmp) / "bench.log").read_text()[-4000:])
-            raise SystemExit(done.returncode)
-        results = json.loads(result.read_text())
+    results = run_workers(__file__, args.ranks, ["--steps", str(args.steps)], prepare)
     ddp = results["ddp"]
     print(f"tiny preset, {args.ranks} CPU ranks (gloo, fp32), micro-batch 8 per rank, {args.steps - 3} timed steps, "
           "same batches in every mode")
