@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import warnings
 from itertools import islice
 from pathlib import Path
 
@@ -28,6 +29,16 @@ def parse_attribute_weights(items: list[str]) -> dict[str, float]:
             raise UserError(f"--attribute-weight: {name!r} given twice")
         out[name] = weight
     return out
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old flag name: stores into the new flag's destination, with a warning naming the new flag."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        warnings.warn(f"{option_string} is deprecated, use {new}", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,8 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--workers", type=int, default=1, help="image re-encoding processes")
     build.add_argument("--max-reject-fraction", type=float, default=0.05,
                        help="exit non-zero when more rows than this are rejected")
-    build.add_argument("--max-pixels", type=int, default=64_000_000,
+    build.add_argument("--max-image-pixels", type=int, default=64_000_000,
                        help="reject images with more pixels (decompression bombs)")
+    build.add_argument("--max-pixels", type=int, dest="max_image_pixels", action=DeprecatedFlag,
+                       help=argparse.SUPPRESS)  # the old name of --max-image-pixels
     build.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=run_build)
@@ -87,7 +100,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     options = BuildOptions(out=Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
                            shard_size=args.shard_size, image_size=args.image_size, workers=args.workers,
-                           max_reject_fraction=args.max_reject_fraction, max_pixels=args.max_pixels,
+                           max_reject_fraction=args.max_reject_fraction,
+                           max_image_pixels=args.max_image_pixels,
                            overwrite=args.overwrite,
                            progress=not args.no_progress)
     if args.format:

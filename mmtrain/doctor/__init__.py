@@ -45,7 +45,7 @@ CHECKS: list[tuple[str, Callable[[Context], Check]]] = [
 
 
 def default_device_type() -> str:
-    """What the trainer trains on (train/engine.init_distributed): cuda when torch sees a GPU, else cpu."""
+    """What the trainer trains on (train/runtime.init_distributed): cuda when torch sees a GPU, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

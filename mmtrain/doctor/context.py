@@ -19,10 +19,6 @@ from mmtrain.errors import UserError
 from mmtrain.model import VisionLanguageModel, apply_stage_policy
 from mmtrain.train.stage_model import model_config
 
-TRAINER_NUM_WORKERS = 1
-"""The trainer's loader workers when a stage's `loader` mapping does not name num_workers (see train/engine.py)."""
-
-
 class Unavailable(Exception):
     """A shared input that could not be built; the message says why (its own row reports the cause)."""
 
@@ -116,7 +112,7 @@ class Context:
 
 def num_workers(stage: StageSpec) -> int:
     """Loader slots per rank for the stage: max(1, num_workers) (0 workers still makes one slot)."""
-    return max(1, int(stage.loader.get("num_workers", TRAINER_NUM_WORKERS)))
+    return max(1, stage.loader.num_workers)
 
 
 def stage_label(stage: StageSpec) -> str:

@@ -68,7 +68,7 @@ def check_shard_count(ctx: Context) -> Check:
                 continue  # reported by the shards row
             lowest = count if lowest is None else min(lowest, count)
             if count < slots:
-                mode = "resampled" if stage.loader.get("mode") == "resampled" else "exact"
+                mode = stage.loader.mode
                 short[mode].append(f"{stage_label(stage)} {source.shards} has {count} shards for {slots} slots "
                                    f"({ctx.world_size} rank(s) × {num_workers(stage)} worker(s))")
     problems = []

@@ -108,7 +108,7 @@ def check_sequence_length(ctx: Context) -> Check:
             too_short.setdefault((need, images, stage.max_length), []).append(stage_label(stage))
         over = [n for n in lengths if n > stage.max_length]
         if over:
-            fate = "dropped" if stage.loader.get("truncate", True) is False else "truncated (answers cut)"
+            fate = "truncated (answers cut)" if stage.loader.truncate else "dropped"
             long.setdefault(fate, []).append(f"{stage.name} {len(over)}/{len(lengths)} (up to {max(over)})")
         if positions is not None and stage.max_length > int(positions):
             problems.append(("WARN", f"{where} > the LLM's max_position_embeddings {positions}"))

@@ -1,4 +1,4 @@
-"""Schedule check: every stage's training policy and loader options are valid now, not when that stage starts.
+"""Schedule check: every stage's training policy is valid now, not when that stage starts.
 
 Why: the trainer builds stage N's model, LoRA layout and loader only when stage N begins, so a typo in the last
 stage of a schedule otherwise surfaces after the earlier stages have run for hours.
@@ -6,32 +6,18 @@ stage of a schedule otherwise surfaces after the earlier stages have run for hou
 
 from __future__ import annotations
 
-import dataclasses
-
-from mmtrain.data.loader.config import LoaderConfig
 from mmtrain.doctor.context import Context, Unavailable, stage_label
 from mmtrain.doctor.report import Check, row
 from mmtrain.model.lora import PARTS
 
-TRAINER_SETS = {"data", "num_image_slots", "template", "batch_size", "max_length", "pack", "seed", "image"}
-"""LoaderConfig fields the trainer fills from the stage itself (see train/engine.py `_loader`)."""
-
 
 def check_stages(ctx: Context) -> Check:
-    """loader keys are LoaderConfig fields, lr_per_part names real parts, and the freeze / LoRA policy applies to
-    the model (built on the meta device) and leaves something to train."""
-    known = {f.name for f in dataclasses.fields(LoaderConfig)}
+    """lr_per_part names real parts, and the freeze / LoRA policy applies to the model (built on the meta device)
+    and leaves something to train (loader keys and values are checked when the recipe loads)."""
     problems: list[tuple[str, str]] = []
     summary = []
     for index, stage in enumerate(ctx.recipe.stages):
         where = stage_label(stage)
-        unknown = sorted(set(stage.loader) - known)
-        if unknown:
-            problems.append(("FAIL", f"{where}: unknown loader keys {unknown} (LoaderConfig fields: {sorted(known)})"))
-        shadowed = sorted(set(stage.loader) & TRAINER_SETS)
-        if shadowed:
-            problems.append(("WARN", f"{where}: loader.{', loader.'.join(shadowed)} override the stage's own "
-                                     f"settings; set them on the stage instead"))
         parts = sorted(set(stage.optimizer.lr_per_part) - set(PARTS))
         if parts:
             problems.append(("FAIL", f"{where}: optimizer.lr_per_part names {parts}; parts are {list(PARTS)}"))

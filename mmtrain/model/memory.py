@@ -14,7 +14,7 @@ built on the meta device and the stage's freezing applied, so trainable counts a
   logits       10 B × tokens × vocabulary (bf16 logits, their fp32 copy for the loss, the fp32 gradient); 0 with a
                fused linear cross-entropy (liger-kernel)
 Not counted: the CUDA context and allocator fragmentation (typically 1–3 GiB), DeepSpeed's prefetch beyond the
-largest module. Checked against measured peaks only on a GPU (issue #9); CPU tests check the arithmetic.
+largest module. Checked against measured peaks only on a GPU; CPU tests check the arithmetic.
 """
 
 from __future__ import annotations

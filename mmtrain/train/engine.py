@@ -25,6 +25,7 @@ from mmtrain.train.dsconfig import resolve_precision
 from mmtrain.train.flops import peak_flops
 from mmtrain.train.heartbeat import Heartbeat
 from mmtrain.train.logging import MetricsLogger
+from mmtrain.train.recipe_change import check_resume
 from mmtrain.train.run_context import RunContext, RunOptions, StageEngine, StageResult
 from mmtrain.train.runtime import init_distributed
 from mmtrain.train.saving import export_stage_weights, save_checkpoint
@@ -51,7 +52,7 @@ class Trainer:
         preflight(recipe, options, rank, world_size, device)
         tokenizer = load_tokenizer(recipe.tokenizer)
         config = model_config(recipe, tokenizer)
-        image_config = ImageConfig(**{"size": config.vision_config.get("image_size", 224), **recipe.image})
+        image_config = ImageConfig(**recipe.image.config_fields(config.vision_config.get("image_size", 224)))
         self.ctx = RunContext(recipe, options, rank, world_size, device, precision, DTYPES[precision],
                               peak_flops(device, precision, recipe.peak_tflops), tokenizer, config, image_config,
                               heartbeat, MetricsLogger(options.out, rank, options.tensorboard))
@@ -98,6 +99,8 @@ class Trainer:
         if ctx.options.resume:
             ref = ckpt.latest_complete(ctx.checkpoints)
             if ref is not None:
+                for line in check_resume(ref.path, ctx.recipe, ctx.options.allow_recipe_change):
+                    ctx.metrics.print(line)
                 ctx.metrics.print(f"resuming from {ref.path} (stage {ref.stage}, step {ref.step})")
                 return ref.stage_index, ref
             ctx.metrics.print(f"--resume: no complete checkpoint under {ctx.checkpoints}; starting fresh")

@@ -19,6 +19,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set stages.1.optimizer.lr=3e-5 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    parser.add_argument("--allow-recipe-change", action="store_true",
+                        help="with --resume: accept a recipe that differs from the checkpoint's in fields that alter "
+                             "training")
     parser.add_argument("--start-stage", help="start at this stage (its starting weights: --init-from or --out)")
     parser.add_argument("--init-from", help="a run directory whose stages/<previous stage> holds the weights")
     parser.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
@@ -34,7 +37,8 @@ def run_train(args: argparse.Namespace) -> int:
     from mmtrain.train.run_context import RunOptions
 
     recipe = load_recipe(args.recipe, args.set)
-    options = RunOptions(out=Path(args.out), resume=args.resume, start_stage=args.start_stage,
+    options = RunOptions(out=Path(args.out), resume=args.resume, allow_recipe_change=args.allow_recipe_change,
+                         start_stage=args.start_stage,
                          init_from=Path(args.init_from) if args.init_from else None,
                          stop_after_steps=args.stop_after_steps, preflight=preflight)
     trainer = Trainer(recipe, options)

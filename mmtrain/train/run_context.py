@@ -28,6 +28,8 @@ class RunOptions:
     """The run directory: checkpoints/, stages/, metrics.jsonl, tensorboard/."""
     resume: bool = False
     """Continue from the latest complete checkpoint under `out` (a fresh start when there is none)."""
+    allow_recipe_change: bool = False
+    """On resume, accept a recipe whose training fields differ from the checkpoint's recipe.yaml (recipe_change.py)."""
     start_stage: str | None = None
     """Start at this stage; its starting weights come from `init_from` (or this run's earlier stage)."""
     init_from: Path | None = None

@@ -54,9 +54,9 @@ def unlink_shm_buffer(rank: int) -> list[Path]:
     """Remove this rank's name for DeepSpeed's CPU shared-memory all-reduce buffer (`/dev/shm`, 69 MB a rank).
 
     DeepSpeed creates it at `init_distributed` on CPU and never unlinks it, so every CPU run (a test, the demo)
-    leaked 69 MB per rank of RAM-backed /dev/shm until the machine ran out of memory. Once every rank has mapped it
-    (the barrier before this call) the name can go: the mappings stay valid, and the memory is freed when the
-    last rank exits, however it exits."""
+    would leave 69 MB per rank of RAM-backed /dev/shm behind, until the machine runs out of memory. Once every rank
+    has mapped it (the barrier before this call) the name can go: the mappings stay valid, and the memory is freed
+    when the last rank exits, however it exits."""
     port = os.environ.get("MASTER_PORT", "")
     removed = []
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
@@ -76,7 +76,7 @@ def forever(loader) -> Iterator[dict]:
 def model_inputs(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """A loader batch → the model's keyword arguments on `device`. The loader's pixels are uint8: they cross to
     the device as they are (4× fewer bytes than float) and are normalized there with the batch's `pixel_norm`
-    (mean, std), then cast to `dtype`; the model gets the same normalized pixels as before the move, exactly."""
+    (mean, std), then cast to `dtype`; the model gets exactly the values a host-side normalization gives."""
     inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
     out = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in out:

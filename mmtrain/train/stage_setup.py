@@ -3,6 +3,8 @@ and, on a resume, both restored from the checkpoint. Collective: every rank call
 
 from __future__ import annotations
 
+import dataclasses
+
 import deepspeed
 import torch
 
@@ -37,15 +39,13 @@ def starting_weights(ctx: RunContext, index: int) -> dict[str, torch.Tensor]:
 
 def loader_config(recipe: Recipe, stage: StageSpec, config: VLMConfig, image: ImageConfig) -> LoaderConfig:
     """The LoaderConfig a stage trains with: its data mixture, batch and length, the recipe's template, seed and
-    fault policy, then the stage's own `loader` knobs."""
+    fault policy, and the stage's `loader` knobs (every one, so LoaderConfig's defaults play no part)."""
     faults = recipe.faults
     fields = {"data": [{"shards": d.shards, "weight": d.weight} for d in stage.data],
               "num_image_slots": num_image_slots(config), "template": recipe.template,
               "batch_size": stage.micro_batch, "max_length": stage.max_length, "pack": stage.pack,
-              "seed": recipe.seed, "image": image, "num_workers": 1,
-              "on_error": "warn" if faults.on_bad_sample == "skip" else "raise",
-              "max_image_pixels": faults.max_image_pixels}
-    fields.update(stage.loader)
+              "seed": recipe.seed, "image": image, "on_bad_sample": faults.on_bad_sample,
+              "max_image_pixels": faults.max_image_pixels, **dataclasses.asdict(stage.loader)}
     return LoaderConfig(**fields)
 
 

@@ -96,7 +96,7 @@ def shard_sets(tmp_path_factory, real_catalog: Path) -> dict:
 
 def config(data, **kw) -> LoaderConfig:
     base = dict(data=str(data), num_image_slots=4, batch_size=4, max_length=320, num_workers=2, seed=3,
-                shuffle_buffer=8, on_error="warn", max_image_pixels=10_000, image=ImageConfig(size=16))
+                shuffle_buffer=8, on_bad_sample="skip", max_image_pixels=10_000, image=ImageConfig(size=16))
     base.update(kw)
     return LoaderConfig(**base)
 
@@ -223,7 +223,7 @@ def test_one_warning_per_skip_names_shard_key_reason(shard_sets):
 @pytest.mark.parametrize("reason", sorted({r for r, _ in PLANTS.values()} - {"no_label", "no_label_after_truncation"})
                          + ["truncated_shard"])
 def test_raise_names_shard_key_and_reason(shard_sets, tmp_path, reason):
-    """on_error=raise: the first bad sample stops the loader with a ValueError naming shard, key and reason."""
+    """on_bad_sample=raise: the first bad sample stops the loader with a ValueError naming shard, key and reason."""
     root = tmp_path / "one"
     shutil.copytree(shard_sets["bad"], root)
     (shard, pos), (key, _) = next(((w, p) for w, p in shard_sets["planted"].items() if p[1] == reason))
@@ -233,7 +233,7 @@ def test_raise_names_shard_key_and_reason(shard_sets, tmp_path, reason):
         write_samples(root / shard, read_samples(root / shard)[pos:pos + 1])
         manifest["splits"]["train"]["shards"][0]["samples"] = 1
     (root / "manifest.json").write_text(json.dumps(manifest))
-    cfg = config(root, num_workers=0, shuffle=False, on_error="raise", batch_size=1)
+    cfg = config(root, num_workers=0, shuffle=False, on_bad_sample="raise", batch_size=1)
     with pytest.raises(BadSample) as info:
         list(build_loader(cfg, tiny_tokenizer(), rank=0, world_size=1))
     err = info.value

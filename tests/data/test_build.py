@@ -132,7 +132,7 @@ def _plant_bad_rows(catalog: Path) -> dict[str, set[str]]:
     jpg = catalog / "images" / f"{ids[2]}.jpg"
     jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])             # truncated JPEG
     (catalog / "images" / f"{ids[3]}.jpg").write_bytes(b"this is not an image")  # not an image
-    Image.new("RGB", (400, 400), "white").save(catalog / "images" / f"{ids[4]}.jpg")  # over --max-pixels
+    Image.new("RGB", (400, 400), "white").save(catalog / "images" / f"{ids[4]}.jpg")  # over --max-image-pixels
     body[5] = body[5].rstrip(b"\n") + b",extra,fields\n"                       # wrong field count
     fields = body[6].split(b",")
     body[6] = b",".join(fields[:-1]) + b",\n"                                   # empty title
@@ -150,7 +150,7 @@ def test_bad_inputs_are_rejected_exactly_and_good_rows_kept(tmp_path: Path, real
     expected = _plant_bad_rows(catalog)
     out = tmp_path / "out"
     argv = ["shards", "build", "--spec", str(fashion_spec), "--catalog", str(catalog / "styles.csv"),
-            "--out", str(out), "--no-progress", "--max-pixels", "100000", "--workers", "2"]
+            "--out", str(out), "--no-progress", "--max-image-pixels", "100000", "--workers", "2"]
     assert main(argv + ["--max-reject-fraction", "0.01"]) == 2  # 9 of 151 rows: the user must act …
     assert (out / "manifest.json").is_file()                      # … but the good rows are written all the same
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]

@@ -243,11 +243,11 @@ def test_cursor_refuses_another_grouping(shards):
 
 
 def test_bad_sample_is_skipped_and_replaced_inside_a_window(tmp_path):
-    """on_error=warn: the broken sample is skipped and counted, the next one read fills its place in the window;
+    """on_bad_sample=skip: the broken sample is skipped and counted, the next one read fills its place in the window;
     every good sample is delivered once, ranks stay in step, resume is exact."""
     root = write_shard_set(tmp_path / "bad", [30, 30])
     break_json(root / "train-000001.tar", "p35-catqa-0")
-    cfg = grouped(str(root), on_error="warn")
+    cfg = grouped(str(root), on_bad_sample="skip")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedSampleWarning)
         got, counts = epochs(cfg, n=1)

@@ -98,11 +98,11 @@ def test_packed_mixture_and_resampled(tmp_path, shards):
 
 
 def test_packed_bad_sample_is_skipped_counted_and_resumed(tmp_path):
-    """on_error=warn with packing: the broken sample is skipped and counted (in its worker, with the usual warning);
+    """on_bad_sample=skip with packing: the broken sample is skipped and counted (in its worker, with the usual warning);
     every good sample is delivered once, ranks stay in step, resume is exact."""
     root = write_shard_set(tmp_path / "bad", [30, 30])
     break_json(root / "train-000001.tar", "p35-catqa-0")
-    cfg = packed(str(root), on_error="warn", max_length=1024)
+    cfg = packed(str(root), on_bad_sample="skip", max_length=1024)
     loaders = [build_loader(cfg, tiny_tokenizer(), rank=r, world_size=2) for r in range(2)]
     batches = {r: list(loader) for r, loader in enumerate(loaders)}
     assert len({len(b) for b in batches.values()}) == 1

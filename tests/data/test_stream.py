@@ -151,15 +151,16 @@ def test_bad_sample_names_shard_and_key(tmp_path):
         for n in range(1, 4):
             sink.write({"__key__": f"p{n}", "json": json.dumps({"conversation": [], "num_images": 0}).encode()})
     with pytest.raises(ValueError, match=r"train-000000.tar: sample p0-catqa-0"):
-        list(build_loader(config(str(root), num_workers=0, batch_size=1), tiny_tokenizer(), rank=0, world_size=1))
+        list(build_loader(config(str(root), num_workers=0, batch_size=1, on_bad_sample="raise"), tiny_tokenizer(),
+                          rank=0, world_size=1))
     with wds.TarWriter(str(root / "train-000000.tar")) as sink:  # fewer samples than the manifest says
         sink.write({"__key__": "p0-catqa-0", "json": b"{}"})
     with pytest.raises(ValueError, match="train-000000.tar: sample p0-catqa-0: no json member with a conv"):
-        list(build_loader(config(str(root), num_workers=0, batch_size=1, shuffle=False), tiny_tokenizer(),
-                          rank=0, world_size=1))
+        list(build_loader(config(str(root), num_workers=0, batch_size=1, shuffle=False, on_bad_sample="raise"),
+                          tiny_tokenizer(), rank=0, world_size=1))
     with pytest.warns(UserWarning, match="skipping bad sample"), \
             pytest.raises(ValueError, match="train-000000.tar: has 1 samples, fewer than its manifest entry"):
-        list(build_loader(config(str(root), num_workers=0, batch_size=1, shuffle=False, on_error="warn"),
+        list(build_loader(config(str(root), num_workers=0, batch_size=1, shuffle=False, on_bad_sample="skip"),
                           tiny_tokenizer(), rank=0, world_size=1))
     with pytest.raises(UserError, match="no manifest.json"):
         build_loader(config(str(tmp_path)), tiny_tokenizer(), rank=0, world_size=1)

@@ -36,7 +36,7 @@ def main() -> None:
     tokenizer = load_tokenizer(recipe.tokenizer)
     config = model_config(recipe, tokenizer)
     stage = recipe.stages[0]
-    image = ImageConfig(**{"size": config.vision_config.get("image_size", 224), **recipe.image})
+    image = ImageConfig(**recipe.image.config_fields(config.vision_config.get("image_size", 224)))
     loader = build_loader(loader_config(recipe, stage, config, image), tokenizer, rank, world_size)
     batches = [{"keys": list(b["keys"]), "filler": [bool(x) for x in b["filler"]]} for b in loader]
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]

@@ -69,7 +69,7 @@ def _one_epoch_in_process(data: dict) -> tuple[int, dict[str, int]]:
     with the trainer's loader settings. A slot fills each skipped sample with the next one of its run, wrapping to
     the run's start, so a bad sample there is read (and counted) again: the counts are at least the planted ones."""
     cfg = LoaderConfig(data=[{"shards": str(data["mm"]), "weight": 1.0}], num_image_slots=9, batch_size=4,
-                       max_length=512, num_workers=0, mode="exact", on_error="warn", max_image_pixels=200 * 200,
+                       max_length=512, num_workers=0, mode="exact", on_bad_sample="skip", max_image_pixels=200 * 200,
                        image=ImageConfig(size=32))
     counts: Counter = Counter()
     steps = set()

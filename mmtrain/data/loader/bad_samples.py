@@ -4,7 +4,7 @@ A shard can go bad after it was built (a copy cut short, a bit flip, a hand-edit
 one bad sample stop a week-long run, and must not hide it either: each bad sample is skipped with one warning naming
 shard, key and reason, counted under that reason in the slot's cursor state (so counts are exact for the batches the
 trainer consumed, and survive a resume), and replaced by the next sample, so every rank still yields the same number
-of batches. With `on_error: raise` the same check raises `BadSample` (a ValueError naming shard, key and reason).
+of batches. With `on_bad_sample: raise` the same check raises `BadSample` (a ValueError naming shard, key and reason).
 """
 
 from __future__ import annotations

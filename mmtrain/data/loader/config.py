@@ -13,7 +13,9 @@ from mmtrain.errors import UserError
 
 @dataclass
 class LoaderConfig:
-    """Every knob of the streaming loader, with its default."""
+    """Every knob of the streaming loader, with its default. A recipe sets the knobs of `mmtrain.config.LoaderSpec`
+    per stage and the trainer fills the rest; a default here equals the recipe tree's for the same knob (tested in
+    tests/train/test_config_tree.py), so a loader built by hand reads data as the trainer does."""
 
     data: Any
     """One shard-set directory / manifest, or a mixture: a list of `{shards: DIR | [DIR...], weight: float}`."""
@@ -22,9 +24,9 @@ class LoaderConfig:
     layerwise 0: no tokens, the image sits at the first token after its mark)."""
     template: str = "owl"
     split: str = "train"
-    batch_size: int = 8
+    batch_size: int = 4
     """Samples per step on each rank; with `pack`, rows of `max_length` tokens per step (a token budget)."""
-    max_length: int = 2048
+    max_length: int = 512
     truncate: bool = True
     """Cut longer samples (dropped if no label survives); False: drop every sample longer than max_length."""
     mode: str = "exact"
@@ -45,7 +47,7 @@ class LoaderConfig:
     """Batches read and grouped together with `group_by` (per worker: its decoded images are held, its start re-read
     on resume)."""
     pad_to_multiple: int = 8
-    num_workers: int = 2
+    num_workers: int = 1
     transfer_samples: int = worker_handoff.TRANSFER_SAMPLES
     """Samples a worker sends per DataLoader item, in whole batches (worker_handoff.py: the item's fixed cost is paid
     once for several batches). Batches, order and cursor do not depend on it; the pixel ring grows with it."""
@@ -57,9 +59,9 @@ class LoaderConfig:
     """Keep each worker on one core of this process's CPU set, taken from the end (cpu_affinity.py: which core, and why
     it is off by default)."""
     image: ImageConfig = field(default_factory=ImageConfig)
-    on_error: str = "raise"
-    """`raise` on an unreadable sample (BadSample: a ValueError naming shard, key and reason) or `warn`: skip it
-    with one warning naming shard, key and reason, count it, read the next (see docs/loader.md, Bad samples)."""
+    on_bad_sample: str = "skip"
+    """`skip` an unreadable sample with one warning naming shard, key and reason, count it, read the next (see
+    docs/loader.md, Bad samples), or `raise` (BadSample: a ValueError naming shard, key and reason)."""
     max_image_pixels: int = 64_000_000
     """An image whose header declares more pixels is refused before it is decoded (`image_too_large`)."""
 
@@ -68,8 +70,8 @@ class LoaderConfig:
             raise UserError(f"loader mode must be 'exact' or 'resampled', got {self.mode!r}")
         if self.uneven not in ("pad", "trim"):
             raise UserError(f"uneven must be 'pad' or 'trim', got {self.uneven!r}")
-        if self.on_error not in ("raise", "warn"):
-            raise UserError(f"on_error must be 'raise' or 'warn', got {self.on_error!r}")
+        if self.on_bad_sample not in ("skip", "raise"):
+            raise UserError(f"on_bad_sample must be 'skip' or 'raise', got {self.on_bad_sample!r}")
         if self.max_image_pixels < 1:
             raise UserError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
         if self.batch_size < 1 or self.num_workers < 0 or self.transfer_samples < 1:

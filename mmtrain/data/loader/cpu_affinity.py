@@ -2,8 +2,8 @@
 (`LoaderConfig.pin_workers`): each DataLoader worker keeps to one core of this process's CPU set.
 
 Why pinning: under load on the 2-vCPU VM the pinned worker ran the bench's pipeline 1.8× as fast, on a quiet VM
-within the noise (docs/loader.md, "Pinning"). Off by default, because what is safe depends on how a node's ranks
-share its cores:
+within the noise (docs/loader.md, "Pinning workers to cores"). Off by default, because what is safe depends on how
+a node's ranks share its cores:
 - the cores are taken from the *end* of the CPU set, worker w of local rank r taking the (r × workers + w)-th one,
   modulo the set. Ranks that share one CPU set (no binding) then use different cores as long as they all fit; a rank
   bound to its own set stays inside it (the offset only rotates which of its cores the worker takes). The main

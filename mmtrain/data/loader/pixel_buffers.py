@@ -4,15 +4,16 @@ Why: a tensor in a worker's batch reaches the main process as a new shared-memor
 fresh page faults on both sides (measured: ~1.3 ms per 8 × 224² uint8 batch, a third of the decode time). Here each
 worker decodes its batch's images straight into ring slot `k mod depth` of buffers mapped before the workers fork
 (`RingWriter`: no copy for an image already at the model size, ~16 µs per 224² image saved) and sends only
-(worker, slot, k, positions). The main process normalizes them out of the slot (a copy) before asking for more.
+(worker, slot, k, positions). The main process copies them out of the slot (uint8; the trainer normalizes them on
+the device) before asking for more.
 
 Safety: the DataLoader keeps at most `prefetch_factor` items in flight per worker, each a transfer of T batches
 (worker_handoff.py), and the main process finishes a worker's transfer before it takes that worker's next one. So a worker
 starts transfer t only once the main process has received transfer t - prefetch, i.e. is done with every batch before
 (t - prefetch) T; while it writes batch k <= (t + 1) T - 1, the main process reads no batch before (t - prefetch) T,
-and `depth = (prefetch + 2) T` slots never collide: they need more than (prefetch + 1) T (T = 1: prefetch + 2, as
-before transfers). Every slot carries the batch number it holds, set *before* the worker's first write into it
-and checked after the main process's copy: a collision would raise instead of silently mixing images.
+and `depth = (prefetch + 2) T` slots never collide: they need more than (prefetch + 1) T (T = 1: prefetch + 2).
+Every slot carries the batch number it holds, set *before* the worker's first write into it and checked after the
+main process's copy: a collision would raise instead of silently mixing images.
 """
 
 from __future__ import annotations

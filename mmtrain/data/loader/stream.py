@@ -5,8 +5,9 @@ The only data module that knows about ranks. Stages, in order (each a small func
   grouping/decoding) → cursor (cursor.py: block shuffle, exact position) → mix (seeded, counter-based draws by
   weight) → check (bad_samples.py: bad samples skipped with a warning, or raised) → render template (drop samples
   with nothing to learn) → decode images → batch → collate/pack. Skips and drops are counted per reason in the
-  cursor. One slot's producer (read → … → ship) is `slot.SlotStream`; this module holds the configuration, the epoch
-  arithmetic and the main-process side (hand-off from the workers, pixels out of the ring, the cursor).
+  cursor. One slot's producer (read → … → ship) is `slot.SlotStream`; this module holds the main-process side
+  (the DataLoader, hand-off from the workers, pixels out of the ring, the cursor); the knobs are `config.LoaderConfig`
+  and the epoch arithmetic is `epoch.Plan`.
 
 Every slot (rank × worker) yields exactly `samples_per_slot` samples per epoch in the same number of batches, so
 every rank takes the same number of steps whatever the shard sizes, drops or filters. See docs/loader.md.
@@ -232,7 +233,7 @@ class StreamLoader:
 
     def _transfer_batches(self) -> int:
         """`transfer_samples` in whole batches, fewer if the ring would pass `ring_budget()` (never below 1: a
-        padded ring of one-batch transfers keeps its size, as before transfers)."""
+        padded ring of one-batch transfers is never capped)."""
         per_batch = self.plan.samples_per_step if self.cfg.pack else self.cfg.batch_size
         wanted = worker_handoff.batches_per_transfer(per_batch, self.cfg.num_workers, self.cfg.transfer_samples)
         per_transfer = self._images_per_batch() * self._image_bytes_all_workers() * (PREFETCH + 2)

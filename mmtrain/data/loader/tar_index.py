@@ -10,7 +10,7 @@ member is decoded (`json.loads`, as webdataset's json handler); images stay byte
 Speed (per sample, 2 members): the header walk reads the file in 64 KiB chunks and parses the headers found in each
 (one syscall per ~8 samples instead of a seek and a read per header; once members average over 16 KiB it reads each
 header alone, so large images are never read by the walk), members are tuples, and a json member that is
-plainly UTF-8 skips `json.loads`' encoding sniffing; together ~9 µs → ~4 µs.
+plainly UTF-8 skips `json.loads`' encoding sniffing; together ~4 µs, where a seek and a read per header took ~9 µs.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@ on the worker's batches), and are put back in the order that one batch per DataL
 round-robin, from the epoch's rotation.
 
 Why: every DataLoader item pays a fixed hand-off, whatever it holds: the index queue, the put, the queue's feeder
-thread, pickling, and the wake-ups of two processes. On this 2-vCPU VM that cost more than the batch's collate
-(docs/loader.md, "Transfers"). A transfer of ~`transfer_samples` samples pays it once for several batches. What a
-rank sees is unchanged: the same batches, in the same order, with the same cursor after each.
+thread, pickling, and the wake-ups of two processes. On the 2-vCPU development VM that cost more than the batch's
+collate (~330 µs per item in the worker; CHANGELOG.md, "Transfers"). A transfer of ~`transfer_samples` samples pays
+it once for several batches. What a rank sees is unchanged: the same batches, in the same order, with the same cursor
+after each.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Every image that enters a shard went through here, so the loader can trust that 
 Two paths, one verdict. The fast path takes a plain upright YCbCr/RGB JPEG (what product photos almost always are):
 its markers are scanned here (EXIF orientation, multi-picture and XMP segments), and libjpeg-turbo decodes it in full
 through `simplejpeg` in strict mode, which treats every libjpeg warning (truncated data, corrupt entropy segments) as an
-error. Anything else, and anything the fast path stumbles on, goes through the PIL path, which was the only path
-before and still decides every reject and every reason: the fast path can only accept what PIL accepts (same decoder,
-stricter), so the set of rejects and their reasons does not depend on which path looked first.
+error. Anything else, and anything the fast path stumbles on, goes through the PIL path, which decides every reject
+and every reason: the fast path can only accept what PIL accepts (same decoder, stricter), so the set of rejects and
+their reasons does not depend on which path looked first.
 """
 
 from __future__ import annotations

@@ -244,7 +244,7 @@ def product_samples(product: Product, tasks: Sequence[str] = TASKS, per_task: in
             drawn = _every_attribute_qa(product, rng)
         elif attribute_weights and task == "attribute_qa":
             drawn = (_weighted_attribute_qa(product, rng, attribute_weights) for _ in range(per_task))
-        else:  # lazily, as before: the first None (a field the product lacks) ends the task's draws
+        else:  # lazily: the first None (a field the product lacks) ends the task's draws, so later draws never run
             drawn = (TASK_BUILDERS[task](product, rng, text_only) for _ in range(per_task))
         for n, built in enumerate(drawn):
             if built is None:

@@ -1,4 +1,4 @@
-"""The record types every data module shares (see DESIGN.md, "One record type flows from catalog to loader")."""
+"""The record types every data module shares (docs/architecture.md, "One record type flows from catalog to loader")."""
 
 from __future__ import annotations
 

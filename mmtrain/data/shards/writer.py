@@ -47,7 +47,8 @@ class BuildOptions:
     image_size: int = 448
     workers: int = 1
     max_reject_fraction: float = 0.05
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    """Reject an image with more pixels (a decompression bomb), as the recipe's faults.max_image_pixels does."""
     overwrite: bool = False
     progress: bool = True
 
@@ -244,7 +245,7 @@ def _encoded(entries: Iterable[Any], expand: Callable[[Any], WorkItem] | None, o
     image bytes through a pipe or through Python: it appends segments to shards in the kernel (`copy_file_range`).
     A worker that dies raises BrokenProcessPool here instead of hanging the build (multiprocessing.Pool would wait).
     """
-    args = (expand, options.image_size, options.max_pixels, options.val_fraction)
+    args = (expand, options.image_size, options.max_image_pixels, options.val_fraction)
     if options.workers == 1:
         for chunk in chunked(entries, CHUNK_ITEMS):
             yield len(chunk), _encode_chunk(chunk, *args, None)

@@ -1,0 +1,161 @@
+"""The recipe's root and its recipe-wide parts: the model, images, the fault policy, and the schedule of stages."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from mmtrain.config.stage import StageSpec
+from mmtrain.config.typed import FieldError, Spec, at_least, plain
+from mmtrain.errors import UserError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS = get_args(Precision)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""ImageConfig's default mean (mmtrain/data/loader/images.py; equal, tested)."""
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""ImageConfig's default std (mmtrain/data/loader/images.py; equal, tested)."""
+
+
+@dataclass
+class ModelSpec(Spec):
+    """Which model: a preset, its parts from local directories or a saved model, and config changes."""
+
+    preset: str = "tiny"
+    """A preset of mmtrain/model/presets.py: tiny, owl-7b, mmgpt-9b, pum-7b."""
+    connector: str | None = None
+    """Override the preset's connector (abstractor | xattn | layerwise | mlp)."""
+    init: str | None = None
+    """A VisionLanguageModel directory (save_pretrained) to start from; default: the preset's parts."""
+    vision_path: str | None = None
+    """A local vision tower directory (HF CLIP / SigLIP) whose weights the first stage starts from."""
+    llm_path: str | None = None
+    """A local LLM directory (HF) whose weights the first stage starts from."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Fields merged into the preset's VLMConfig (e.g. text_config: {num_hidden_layers: 2}): a free-form HF config
+    fragment, so a mapping, not a typed spec; the model config checks it when the model is built."""
+
+
+@dataclass
+class ImageSpec(Spec):
+    """How pixels reach the vision tower (mmtrain/data/loader/images.py ImageConfig; defaults equal, tested)."""
+
+    size: int | None = None
+    """Output height and width; default: the vision tower's image_size."""
+    mean: tuple[float, float, float] = CLIP_MEAN
+    """Per-channel mean the pixels are normalized with (CLIP's)."""
+    std: tuple[float, float, float] = CLIP_STD
+    """Per-channel std the pixels are normalized with (CLIP's)."""
+    resize: Literal["shortest", "pad"] = "shortest"
+    """shortest: scale the shortest side to size and centre-crop; pad: pad to a square with the mean colour."""
+    augment: bool = False
+    """Random resized crop (scale 0.8–1), seeded per sample so a resumed run sees the same pixels."""
+    hflip: bool = False
+    """Random horizontal flip, with augment only (off: flips break the text and logos on products)."""
+
+    def check(self) -> None:
+        at_least(self, "size", 1)
+
+    def config_fields(self, tower_size: int) -> dict[str, Any]:
+        """ImageConfig's keyword arguments, `size` defaulting to the tower's `tower_size`."""
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "size": self.size or tower_size}
+
+
+@dataclass
+class FaultSpec(Spec):
+    """How a run meets bad data, hangs, dead ranks and non-finite numbers (see docs/faults.md)."""
+
+    on_bad_sample: Literal["skip", "raise"] = "skip"
+    """skip: an unreadable sample is skipped with a warning naming shard, key and reason, and counted; raise: stop."""
+    max_skip_fraction: float = 0.01
+    """Stop the run (exit 2) once skipped samples exceed this fraction of the samples read."""
+    max_image_pixels: int = 64_000_000
+    """An image whose header declares more pixels is skipped before it is decoded (decompression bombs)."""
+    hang_timeout_s: float | None = None
+    """No step progress on a rank for this long: hang report + non-zero exit. Default 1800 on GPU, 300 on CPU."""
+    collective_timeout_s: float | None = None
+    """The process group's collective timeout; default: hang_timeout_s."""
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """A NaN/Inf loss or gradient norm: skip the optimizer step (skip) or stop the run (stop)."""
+    max_nonfinite_in_row: int = 3
+    """This many non-finite steps in a row stop the run with a report naming the steps and sample keys."""
+    keep_last: int = 0
+    """Keep the newest N complete checkpoints of the run (0: keep all); the newest complete one is never deleted."""
+
+    def check(self) -> None:
+        at_least(self, "max_image_pixels", 1)
+        at_least(self, "max_nonfinite_in_row", 1)
+        at_least(self, "keep_last", 0)
+
+    def hang_timeout(self, device_type: str) -> float:
+        if self.hang_timeout_s is not None:
+            return self.hang_timeout_s
+        return 1800.0 if device_type == "cuda" else 300.0
+
+    def collective_timeout(self, device_type: str) -> float:
+        if self.collective_timeout_s is not None:
+            return self.collective_timeout_s
+        return self.hang_timeout(device_type)
+
+
+@dataclass
+class Recipe(Spec):
+    """The whole training schedule: the model, its tokenizer and template, recipe-wide settings, the stages."""
+
+    name: str
+    """The recipe's name (run-report.json names it)."""
+    stages: list[StageSpec]
+    """The schedule, in order; each stage states only what differs from the stage before it."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """The model."""
+    tokenizer: str | None = None
+    """The tokenizer directory (HF; <image> is added if missing); training needs one."""
+    template: str = "owl"
+    """The chat template every sample is rendered with (mmtrain/data/loader/templates.py: owl, alpaca, …)."""
+    image: ImageSpec = field(default_factory=ImageSpec)
+    """Image preprocessing."""
+    precision: Precision = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    gradient_checkpointing: bool | dict[str, bool] = False
+    """Recompute activations in backward: true (every part), or per part: {llm: true, vision: false}."""
+    kernels: Literal["plain", "liger"] = "plain"
+    """plain | liger: liger-kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy on the LLM (GPU only)."""
+    attention: Literal["auto", "sdpa", "flex", "flash_varlen"] = "auto"
+    """Self-attention over packed rows: auto (flex on CUDA, else sdpa) | sdpa | flex | flash_varlen (docs/train.md)."""
+    compile: bool = False
+    """torch.compile each LLM decoder block (regional: one compiled graph reused by every block)."""
+    seed: int = 0
+    """Seeds the initial weights, the data order and augmentation, and each stage's LoRA init (seed + stage)."""
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    """The fault policy."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for the MFU figure; default: by GPU name (train/flops.py), none on CPU."""
+
+    def check(self) -> None:
+        self.checkpointing()
+        names = [s.name for s in self.stages]
+        if not names:
+            raise FieldError(("stages",), "is empty: a recipe needs at least one stage", sep=" ")
+        if len(set(names)) != len(names):
+            raise FieldError(("stages",), f"need distinct names, got {names}", sep=" ")
+
+    def checkpointing(self) -> dict[str, bool]:
+        """Gradient checkpointing per part (vision, llm)."""
+        value = self.gradient_checkpointing
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"vision", "llm"})
+            if unknown:
+                raise FieldError(("gradient_checkpointing",), f"unknown parts {unknown} (vision, llm)")
+            return {"vision": bool(value.get("vision", False)), "llm": bool(value.get("llm", False))}
+        return {"vision": bool(value), "llm": bool(value)}
+
+    def stage_index(self, name: str) -> int:
+        for i, stage in enumerate(self.stages):
+            if stage.name == name:
+                return i
+        raise UserError(f"recipe {self.name!r} has no stage {name!r} (stages: {[s.name for s in self.stages]})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what a checkpoint's recipe.yaml holds)."""
+        return plain(self)
