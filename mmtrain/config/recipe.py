@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from mmtrain.config.stage import StageSpec
-from mmtrain.config.typed import FieldError, Spec, at_least, plain
+from mmtrain.config.typed import Bool, FieldError, Float, Int, Spec, at_least, plain
 from mmtrain.errors import UserError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -41,17 +41,17 @@ class ModelSpec(Spec):
 class ImageSpec(Spec):
     """How pixels reach the vision tower (mmtrain/data/loader/images.py ImageConfig; defaults equal, tested)."""
 
-    size: int | None = None
+    size: Int | None = None
     """Output height and width; default: the vision tower's image_size."""
-    mean: tuple[float, float, float] = CLIP_MEAN
+    mean: tuple[Float, Float, Float] = CLIP_MEAN
     """Per-channel mean the pixels are normalized with (CLIP's)."""
-    std: tuple[float, float, float] = CLIP_STD
+    std: tuple[Float, Float, Float] = CLIP_STD
     """Per-channel std the pixels are normalized with (CLIP's)."""
     resize: Literal["shortest", "pad"] = "shortest"
     """shortest: scale the shortest side to size and centre-crop; pad: pad to a square with the mean colour."""
-    augment: bool = False
+    augment: Bool = False
     """Random resized crop (scale 0.8–1), seeded per sample so a resumed run sees the same pixels."""
-    hflip: bool = False
+    hflip: Bool = False
     """Random horizontal flip, with augment only (off: flips break the text and logos on products)."""
 
     def check(self) -> None:
@@ -68,19 +68,19 @@ class FaultSpec(Spec):
 
     on_bad_sample: Literal["skip", "raise"] = "skip"
     """skip: an unreadable sample is skipped with a warning naming shard, key and reason, and counted; raise: stop."""
-    max_skip_fraction: float = 0.01
+    max_skip_fraction: Float = 0.01
     """Stop the run (exit 2) once skipped samples exceed this fraction of the samples read."""
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: Int = 64_000_000
     """An image whose header declares more pixels is skipped before it is decoded (decompression bombs)."""
-    hang_timeout_s: float | None = None
+    hang_timeout_s: Float | None = None
     """No step progress on a rank for this long: hang report + non-zero exit. Default 1800 on GPU, 300 on CPU."""
-    collective_timeout_s: float | None = None
+    collective_timeout_s: Float | None = None
     """The process group's collective timeout; default: hang_timeout_s."""
     on_nonfinite: Literal["skip", "stop"] = "skip"
     """A NaN/Inf loss or gradient norm: skip the optimizer step (skip) or stop the run (stop)."""
-    max_nonfinite_in_row: int = 3
+    max_nonfinite_in_row: Int = 3
     """This many non-finite steps in a row stop the run with a report naming the steps and sample keys."""
-    keep_last: int = 0
+    keep_last: Int = 0
     """Keep the newest N complete checkpoints of the run (0: keep all); the newest complete one is never deleted."""
 
     def check(self) -> None:
@@ -117,19 +117,19 @@ class Recipe(Spec):
     """Image preprocessing."""
     precision: Precision = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
-    gradient_checkpointing: bool | dict[str, bool] = False
+    gradient_checkpointing: Bool | dict[str, Bool] = False
     """Recompute activations in backward: true (every part), or per part: {llm: true, vision: false}."""
     kernels: Literal["plain", "liger"] = "plain"
     """plain | liger: liger-kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy on the LLM (GPU only)."""
     attention: Literal["auto", "sdpa", "flex", "flash_varlen"] = "auto"
     """Self-attention over packed rows: auto (flex on CUDA, else sdpa) | sdpa | flex | flash_varlen (docs/train.md)."""
-    compile: bool = False
+    compile: Bool = False
     """torch.compile each LLM decoder block (regional: one compiled graph reused by every block)."""
-    seed: int = 0
+    seed: Int = 0
     """Seeds the initial weights, the data order and augmentation, and each stage's LoRA init (seed + stage)."""
     faults: FaultSpec = field(default_factory=FaultSpec)
     """The fault policy."""
-    peak_tflops: float | None = None
+    peak_tflops: Float | None = None
     """Peak TFLOP/s of one device for the MFU figure; default: by GPU name (train/flops.py), none on CPU."""
 
     def check(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mmtrain.config.typed import FieldError, Spec, at_least
+from mmtrain.config.typed import Bool, FieldError, Float, Int, Spec, at_least
 
 Part = Literal["vision", "connector", "llm"]
 """The model's parts (mmtrain/model/lora.py PARTS)."""
@@ -17,9 +17,9 @@ LoraRole = Literal["self_attn", "cross_attn", "ffn", "vision"]
 class TrainParts(Spec):
     """What a stage trains: whole parts, LoRA on the LLM, or nothing of a part."""
 
-    vision: bool | int = False
+    vision: Bool | Int = False
     """True (all), False (frozen) or N (the last N encoder layers)."""
-    connector: bool = True
+    connector: Bool = True
     """Train the connector (abstractor, resampler, cross-attention or adapters)."""
     llm: Literal["frozen", "lora", "full"] = "frozen"
     """frozen | lora (adapters on `lora.roles`, the LLM itself frozen) | full."""
@@ -35,11 +35,11 @@ class LoraSpec(Spec):
 
     roles: list[LoraRole] = field(default_factory=list)
     """self_attn | cross_attn | ffn | vision (see mmtrain/model/lora.py for the module names of each)."""
-    r: int = 8
+    r: Int = 8
     """Rank of each adapter's update."""
-    alpha: int = 16
+    alpha: Int = 16
     """Scale of the update: it is multiplied by alpha / r."""
-    dropout: float = 0.0
+    dropout: Float = 0.0
     """Dropout on each adapter's input."""
 
     def check(self) -> None:
@@ -52,17 +52,17 @@ class LoraSpec(Spec):
 class OptimizerSpec(Spec):
     """AdamW, per-part learning rates."""
 
-    lr: float = 1e-4
+    lr: Float = 1e-4
     """Learning rate of every part not named in `lr_per_part`."""
-    lr_per_part: dict[Part, float] = field(default_factory=dict)
+    lr_per_part: dict[Part, Float] = field(default_factory=dict)
     """e.g. {connector: 1e-4, llm: 2e-5}: parts are vision, connector, llm (LoRA weights count under their part)."""
-    weight_decay: float = 0.0
+    weight_decay: Float = 0.0
     """AdamW's decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Float, Float] = (0.9, 0.999)
     """AdamW's β1 and β2."""
-    eps: float = 1e-8
+    eps: Float = 1e-8
     """AdamW's ε."""
-    grad_clip: float = 1.0
+    grad_clip: Float = 1.0
     """Clip the global gradient norm to this (DeepSpeed's gradient_clipping; 0: no clipping)."""
 
     def lr_of(self, part: str) -> float:
@@ -73,9 +73,9 @@ class OptimizerSpec(Spec):
 class ScheduleSpec(Spec):
     """Linear warm-up, then cosine decay over the stage's steps."""
 
-    warmup_steps: int = 0
+    warmup_steps: Int = 0
     """Optimizer steps of linear warm-up from 0 to lr."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Float = 0.1
     """Cosine decay from lr to lr × min_lr_ratio at the last step."""
 
     def check(self) -> None:
@@ -88,7 +88,7 @@ class DataSource(Spec):
 
     shards: str | list[str]
     """A shard-set directory (or its manifest.json), or several read as one source."""
-    weight: float = 1.0
+    weight: Float = 1.0
     """This source's share of the mixture, relative to the other sources' weights."""
 
     def check(self) -> None:
@@ -108,32 +108,32 @@ class LoaderSpec(Spec):
 
     mode: Literal["exact", "resampled"] = "exact"
     """exact: each sample once per epoch; resampled: endless seeded shard draws (needs samples_per_epoch)."""
-    samples_per_epoch: int | None = None
+    samples_per_epoch: Int | None = None
     """Samples per epoch over all ranks; default one pass over a single source, or the mixture's total."""
     uneven: Literal["pad", "trim"] = "pad"
     """When samples do not divide over ranks × workers: pad repeats a few (flagged filler), trim drops them."""
-    drop_last: bool = False
+    drop_last: Bool = False
     """Drop each worker's last, short batch of an epoch."""
-    shuffle: bool = True
+    shuffle: Bool = True
     """Seeded shard order per epoch and a seeded permutation within blocks of shuffle_buffer samples."""
-    shuffle_buffer: int = 1000
+    shuffle_buffer: Int = 1000
     """Consecutive samples shuffled together."""
-    truncate: bool = True
+    truncate: Bool = True
     """Cut samples longer than max_length (dropped if no label survives); false: drop every longer sample."""
     group_by: Literal["none", "modality_length"] = "none"
     """modality_length: each batch holds image or text-only samples of similar length; not with pack."""
-    group_window: int = 16
+    group_window: Int = 16
     """Batches read and grouped together with group_by."""
-    pad_to_multiple: int = 8
+    pad_to_multiple: Int = 8
     """A batch's length is rounded up to a multiple of this."""
-    num_workers: int = 1
+    num_workers: Int = 1
     """Loader worker processes per rank (0: read in the training process); each is a slot of the data split, so a
     resume needs the same number."""
-    transfer_samples: int = 32
+    transfer_samples: Int = 32
     """Samples a worker sends per DataLoader item (batches, order and cursor do not depend on it)."""
-    persistent_workers: bool = True
+    persistent_workers: Bool = True
     """Keep the workers from one epoch to the next."""
-    pin_workers: bool = False
+    pin_workers: Bool = False
     """Keep each worker on one core of this process's CPU set."""
     split: str = "train"
     """The split of each shard set to read."""
@@ -162,17 +162,17 @@ class StageSpec(Spec):
     """Warm-up and decay."""
     data: list[DataSource] = field(default_factory=list)
     """The data mixture: a list of {shards: DIR, weight: W}; a stage that names it replaces the previous stage's."""
-    micro_batch: int = 4
+    micro_batch: Int = 4
     """Samples per rank per micro-step (with pack: rows of max_length tokens)."""
-    grad_accum: int = 1
+    grad_accum: Int = 1
     """Micro-steps per optimizer step."""
-    steps: int = 100
+    steps: Int = 100
     """Optimizer steps in the stage."""
-    max_length: int = 512
+    max_length: Int = 512
     """Tokens per sample, image slots included (per row with pack); longer samples follow loader.truncate."""
-    pack: bool = False
+    pack: Bool = False
     """Fill each row with whole samples up to max_length tokens (micro_batch then counts rows)."""
-    save_every: int = 0
+    save_every: Int = 0
     """Checkpoint every N steps (0: only at the end of the stage)."""
     deepspeed: str = "ds_configs/zero3.json"
     """The DeepSpeed config file (ZeRO stage, offload); batch sizes, clipping and precision come from the recipe."""

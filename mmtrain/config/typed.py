@@ -1,26 +1,30 @@
-"""Typed specs: a dataclass's fields checked against their annotations, nested specs built from YAML mappings.
+"""Typed specs: recipe dataclasses checked by pydantic against their annotations, errors named by dotted path.
 
-Every recipe dataclass derives from `Spec`: after construction each field is checked (and, where YAML is loose,
-converted: `3e-5` read as a string becomes a float, a list becomes a tuple) against its annotation — int, float, bool,
-str, Literal choices, `X | None`, unions, lists, tuples, mappings, nested specs. `build` makes a spec from a mapping.
-Every error is a `FieldError` that names the dotted path at fault (`stages.1.optimizer.lr: expected a number, got
+Every recipe dataclass derives from `Spec` and stays a plain dataclass; pydantic (a `TypeAdapter` over the class)
+checks each field against its annotation — int, float, bool, str, Literal choices, `X | None`, unions, lists, tuples,
+mappings, nested specs — and converts where YAML is loose: `3e-5`, a string to YAML 1.1, becomes a float, an integral
+float an int, a list a tuple. Booleans are strict (`Bool`: true or false, never yes, on or 1) and a bool is never an
+integer or a number (`Int`, `Float`). `build` makes a spec from a mapping; a spec made in Python is checked the same
+way. Every error is a `FieldError` that names the dotted path at fault (`stages.1.optimizer.lr: expected a number, got
 'abc'`), so a typo deep in a recipe is reported where it is.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
-import types
-import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, GetCoreSchemaHandler, StrictBool, TypeAdapter, ValidationError
+from pydantic_core import PydanticKnownError, core_schema
 
 from mmtrain.errors import UserError
 
 
-class FieldError(UserError):
+class FieldError(UserError, ValueError):
     """A bad key or value at a dotted path. `sep` joins path and reason: ": " for "path: expected …", " " for
-    "path must be …"."""
+    "path must be …". A ValueError too: pydantic then reports one raised by a spec's `check` at the spec's place."""
 
     def __init__(self, path: tuple[str, ...], reason: str, sep: str = ": ") -> None:
         self.path, self.reason, self.sep = tuple(path), reason, sep
@@ -32,10 +36,29 @@ class FieldError(UserError):
         return FieldError(tuple(prefix) + self.path, self.reason, self.sep)
 
 
-@functools.cache
-def type_hints(cls: type) -> dict[str, Any]:
-    """A dataclass's resolved annotations (the specs use `from __future__ import annotations`)."""
-    return typing.get_type_hints(cls)
+def _refuse(*types: type, error: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if isinstance(value, types):
+            raise PydanticKnownError(error)
+        return value
+    return BeforeValidator(check)
+
+
+Bool = StrictBool
+"""true or false (YAML 1.1's yes, on and 1 are refused)."""
+Int = Annotated[int, _refuse(bool, str, error="int_type")]
+"""An integer, an integral float (`1.0e7`) too; never a bool or a string."""
+Float = Annotated[float, _refuse(bool, error="float_type")]
+"""A number, a string that reads as one too (YAML 1.1 reads `3e-5` as a string); never a bool."""
+
+EXPECTED = {"bool_type": "true or false", "int_type": "an integer", "int_parsing": "an integer",
+            "int_from_float": "an integer", "float_type": "a number", "float_parsing": "a number",
+            "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping",
+            "dataclass_type": "a mapping"}
+"""pydantic's error type → what the value should have been, as our messages say it."""
+
+_BUILDING = contextvars.ContextVar("_BUILDING", default=False)
+"""True while `build` runs: a spec pydantic makes has its fields checked already."""
 
 
 def choices_text(choices: tuple[Any, ...]) -> str:
@@ -44,104 +67,15 @@ def choices_text(choices: tuple[Any, ...]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def describe(hint: Any) -> str:
-    """What a value of type `hint` looks like, for an error message."""
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(describe(arm) for arm in get_args(hint))
-    if origin is Literal:
-        return choices_text(get_args(hint))
-    if origin in (list, tuple):
-        n = len(get_args(hint))
-        return f"a list of {n} values" if origin is tuple else "a list"
-    if dataclasses.is_dataclass(hint):
-        return f"a {hint.__name__}"
-    if origin is dict:
-        return "a mapping"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return names.get(hint, "anything" if hint is Any else str(hint))
-
-
-def coerce(hint: Any, value: Any, path: tuple[str, ...] = ()) -> Any:
-    """`value` as type `hint` (numbers written as YAML 1.1 strings become floats, integral floats ints, lists
-    tuples); a FieldError at `path` when it is not one."""
-    if hint is Any:
-        return value
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return _coerce_union(hint, value, path)
-    if origin is Literal:
-        if value in get_args(hint) and not isinstance(value, bool):
-            return value
-        raise FieldError(path, f"must be {choices_text(get_args(hint))}, not {value!r}", sep=" ")
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-    elif origin is list and isinstance(value, (list, tuple)):
-        (item,) = get_args(hint) or (Any,)
-        return [coerce(item, v, path + (str(i),)) for i, v in enumerate(value)]
-    elif origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(get_args(hint)):
-        return tuple(coerce(arm, v, path + (str(i),)) for i, (arm, v) in enumerate(zip(get_args(hint), value)))
-    elif origin is dict and isinstance(value, dict):
-        key_type, value_type = get_args(hint) or (Any, Any)
-        return {_coerce_key(key_type, k, path): coerce(value_type, v, path + (str(k),)) for k, v in value.items()}
-    elif hint in (bool, int, float, str):
-        converted = _scalar(hint, value)
-        if converted is not None:
-            return converted
-    raise FieldError(path, f"expected {describe(hint)}, got {value!r}")
-
-
-def _coerce_union(hint: Any, value: Any, path: tuple[str, ...]) -> Any:
-    arms = get_args(hint)
-    if value is None and type(None) in arms:
-        return None
-    for arm in arms:
-        if arm is type(None):
-            continue
-        try:
-            return coerce(arm, value, path)
-        except FieldError as exc:
-            if exc.path != path:  # the value has the arm's shape, one of its items is wrong: say which
-                raise
-    raise FieldError(path, f"expected {describe(hint)}, got {value!r}")
-
-
-def _coerce_key(key_type: Any, key: Any, path: tuple[str, ...]) -> Any:
-    if get_origin(key_type) is Literal and key not in get_args(key_type):
-        raise FieldError(path, f"unknown key {key!r} (keys: {', '.join(get_args(key_type))})")
-    return coerce(key_type, key, path + (str(key),))
-
-
-def _scalar(hint: type, value: Any) -> Any:
-    """`value` as the scalar type `hint`, or None when it is not one (bool is never an int or a number here)."""
-    if isinstance(value, bool):
-        return value if hint is bool else None
-    if hint is int:
-        if isinstance(value, int):
-            return value
-        return int(value) if isinstance(value, float) and value.is_integer() else None
-    if hint is float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads `3e-5` (no dot) as a string: the user meant a number
-            except ValueError:
-                return None
-        return None
-    return value if isinstance(value, hint) else None
-
-
 class Spec:
     """Base of every recipe dataclass: fields are checked against their annotations when an instance is made, then
     `check` runs the rules that tie fields together."""
 
     def __post_init__(self) -> None:
-        hints = type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            setattr(self, f.name, coerce(hints[f.name], getattr(self, f.name), (f.name,)))
-        self.check()
+        if _BUILDING.get():
+            self.check()
+        else:  # made in Python: checked as if read from YAML
+            vars(self).update(vars(build(type(self), dict(vars(self)))))
 
     def check(self) -> None:
         """Rules across fields; raise FieldError with the path relative to this spec."""
@@ -149,6 +83,20 @@ class Spec:
     @classmethod
     def expand(cls, raw: Any) -> Any:
         """A shorthand in YAML → the full mapping (e.g. a data source written as its directory alone)."""
+        return raw
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        """pydantic's schema of the dataclass, after `expand` and a check for unknown keys that names the known."""
+        return core_schema.no_info_before_validator_function(cls._known_keys, handler(source))
+
+    @classmethod
+    def _known_keys(cls, raw: Any) -> Any:
+        raw = cls.expand(raw)
+        known = sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        unknown = sorted((k for k in raw if k not in known), key=str) if isinstance(raw, dict) else []
+        if unknown:
+            raise FieldError((), f"unknown keys {unknown} (known: {known})")
         return raw
 
 
@@ -159,38 +107,58 @@ def at_least(spec: Spec, name: str, low: float) -> None:
         raise FieldError((name,), f"must be >= {low}, not {value!r}", sep=" ")
 
 
-def build(cls: type, raw: Any, path: tuple[str, ...] = ()) -> Any:
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def build(cls: type, raw: Any) -> Any:
     """A spec of type `cls` from a mapping: unknown and missing keys, and every bad value, name their path."""
-    if isinstance(raw, cls):
-        return raw
-    raw = cls.expand(raw)
-    if not isinstance(raw, dict):
-        raise FieldError(path, f"expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted((k for k in raw if k not in fields), key=str)
-    if unknown:
-        raise FieldError(path, f"unknown keys {unknown} (known: {sorted(fields)})")
-    missing = [name for name, f in fields.items() if name not in raw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise FieldError(path, f"missing {', '.join(missing)}")
-    hints = type_hints(cls)
-    kwargs = {key: _nested(hints[key], value, path + (key,)) for key, value in raw.items()}
+    token = _BUILDING.set(True)
     try:
-        return cls(**kwargs)
-    except FieldError as exc:
-        raise exc.under(path) from None
+        return _adapter(cls).validate_python(raw)
+    except ValidationError as exc:
+        raise _field_error(exc.errors(include_url=False), raw) from None
+    finally:
+        _BUILDING.reset(token)
 
 
-def _nested(hint: Any, value: Any, path: tuple[str, ...]) -> Any:
-    """Mappings under a spec-typed field (or a list of specs) built into specs; anything else left to `coerce`."""
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, path)
-    if get_origin(hint) is list and isinstance(value, list):
-        (item,) = get_args(hint) or (Any,)
-        if dataclasses.is_dataclass(item):
-            return [build(item, v, path + (str(i),)) for i, v in enumerate(value)]
-    return value
+def _field_error(errors: list[Any], raw: Any) -> FieldError:
+    """pydantic's first error as a FieldError at its place in `raw`. The arms of a union that all failed there are
+    named together; where an arm failed deeper (the value has its shape, one item is wrong), that item is named."""
+    places = [_place(e["loc"], raw) for e in errors]
+    path = max((p for p in places if p[:len(places[0])] == places[0]), key=len)
+    here = [e for p, e in zip(places, errors) if p == path]
+    first = here[0]
+    kind, value = first["type"], first["input"]
+    if isinstance(first.get("ctx", {}).get("error"), FieldError):
+        return first["ctx"]["error"].under(path)
+    if kind == "too_long" or kind == "missing" and isinstance(first["loc"][-1], int):  # a tuple's length
+        n = first["ctx"]["max_length"] if kind == "too_long" else len(value) + len(here)
+        return FieldError(path, f"expected a list of {n} values, got {value!r}")
+    if kind == "missing":
+        return FieldError(path, f"missing {', '.join(str(e['loc'][-1]) for e in here)}")
+    if kind == "literal_error":
+        choices = first["ctx"]["expected"].replace("'", "")
+        if first["loc"][-1] == "[key]":  # a mapping's key: the path names the mapping
+            return FieldError(path[:-1], f"unknown key {value!r} (keys: {choices})")
+        return FieldError(path, f"must be {choices}, not {value!r}", sep=" ")
+    if all(e["type"] in EXPECTED for e in here):
+        return FieldError(path, f"expected {' or '.join(dict.fromkeys(EXPECTED[e['type']] for e in here))}, got "
+                                f"{value!r}")
+    return FieldError(path, f"{first['msg']}, got {value!r}")
+
+
+def _place(loc: tuple[Any, ...], raw: Any) -> tuple[str, ...]:
+    """The keys of pydantic's `loc` that are places in `raw`; the tags pydantic adds (a union's arm, `[key]` for a
+    mapping's key) are not."""
+    path: list[str] = []
+    for key in loc:
+        if isinstance(raw, dict) and key in raw or (isinstance(raw, (list, tuple)) and isinstance(key, int)
+                                                    and 0 <= key < len(raw)):
+            raw = raw[key]
+            path.append(str(key))
+    return tuple(path)
 
 
 def field_defaults(cls: type) -> dict[str, Any]:

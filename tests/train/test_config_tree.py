@@ -111,7 +111,7 @@ def test_values_are_checked_against_their_types_with_the_dotted_path() -> None:
     assert error({"name": "b", "lora": {"roles": ["self_attn", "attn"]}}) == \
         "recipe.yaml: stages.1.lora.roles.1 must be self_attn, cross_attn, ffn or vision, not 'attn'"
     assert error({"name": "b", "optimizer": {"lr_per_part": {"vison": 1e-5}}}) == \
-        "recipe.yaml: stages.1.optimizer.lr_per_part: unknown key 'vison' (keys: vision, connector, llm)"
+        "recipe.yaml: stages.1.optimizer.lr_per_part: unknown key 'vison' (keys: vision, connector or llm)"
     assert error({"name": "b", "loader": {"mode": "resampled"}}) == \
         "recipe.yaml: stages.1.loader.mode: resampled needs samples_per_epoch"
     assert error({"name": "b", "data": []}) == \
@@ -125,7 +125,25 @@ def test_values_are_checked_against_their_types_with_the_dotted_path() -> None:
     assert error({"name": "b"}, image={"resize": "crop"}) == \
         "recipe.yaml: image.resize must be shortest or pad, not 'crop'"
     assert error({"name": "b"}, faults={"hang_timeout_s": "soon"}) == \
-        "recipe.yaml: faults.hang_timeout_s: expected a number or null, got 'soon'"
+        "recipe.yaml: faults.hang_timeout_s: expected a number, got 'soon'"
+
+
+def test_booleans_are_strict_and_never_numbers_and_unions_name_every_arm() -> None:
+    for value in ("yes", "on", 1):
+        assert error({"name": "b", "pack": value}) == \
+            f"recipe.yaml: stages.1.pack: expected true or false, got {value!r}"
+    assert error({"name": "b", "steps": True}) == "recipe.yaml: stages.1.steps: expected an integer, got True"
+    assert error({"name": "b", "optimizer": {"betas": [0.9, False]}}) == \
+        "recipe.yaml: stages.1.optimizer.betas.1: expected a number, got False"
+    assert error({"name": "b", "train": {"vision": "yes"}}) == \
+        "recipe.yaml: stages.1.train.vision: expected true or false or an integer, got 'yes'"
+    assert error({"name": "b", "data": [{"shards": ["/x", 5]}]}) == \
+        "recipe.yaml: stages.1.data.0.shards.1: expected a string, got 5"
+    assert error({"name": "b"}, gradient_checkpointing={"llm": "on"}) == \
+        "recipe.yaml: gradient_checkpointing.llm: expected true or false, got 'on'"
+    assert error({"name": "b", "optimizer": {"betas": [0.9]}}) == \
+        "recipe.yaml: stages.1.optimizer.betas: expected a list of 2 values, got [0.9]"
+    assert error({"name": "b", "data": [{"weight": 2}]}) == "recipe.yaml: stages.1.data.0: missing shards"
 
 
 def test_loose_yaml_numbers_are_taken_as_what_the_field_holds() -> None:
