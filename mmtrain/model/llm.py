@@ -10,6 +10,7 @@ from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mmtrain.errors import UserError
+from mmtrain.model.loading_report import check_loading_info
 
 
 def build_text_config(config: dict[str, Any]):
@@ -34,7 +35,9 @@ def build_llm(config: dict[str, Any]) -> PreTrainedModel:
 def load_llm(path: str | Path) -> PreTrainedModel:
     if not Path(path).is_dir():
         raise UserError(f"LLM checkpoint directory not found: {path}")
-    return AutoModelForCausalLM.from_pretrained(path)
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    check_loading_info(info, path, "LLM")
+    return model
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:

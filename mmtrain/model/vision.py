@@ -7,6 +7,7 @@ checkpoint. The tower returns one hidden state (last or penultimate layer), with
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, SiglipVi
 from transformers import ViTConfig, ViTModel
 
 from mmtrain.errors import UserError
+from mmtrain.model.loading_report import check_loading_info
 
 # model_type -> (model class, config class, has a CLS token). Full CLIP / SigLIP configs map to their vision part.
 _FAMILIES: dict[str, tuple[type, type, bool]] = {
@@ -95,7 +97,14 @@ class VisionTower(nn.Module):
         model_type = AutoConfig.from_pretrained(path).model_type
         model_class, _, has_cls = _family(model_type)
         kwargs = {"add_pooling_layer": False} if model_class is ViTModel else {}
-        return cls(model_class.from_pretrained(path, **kwargs), select_layer, keep_cls, has_cls)
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+        roots = {name.split(".")[0] for name in model.state_dict()}
+        other = check_loading_info(info, path, "vision tower", own_roots=roots)
+        if other:
+            parts = sorted({name.split(".")[0] for name in other})
+            warnings.warn(f"{path}: read its vision tower; left out the checkpoint's other parts ({len(other)} "
+                          f"tensors under {', '.join(parts)})", stacklevel=2)
+        return cls(model, select_layer, keep_cls, has_cls)
 
     @property
     def hidden_size(self) -> int:

@@ -85,7 +85,8 @@ def _no_init_weights():
 def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, Any] | None, zero3: bool,
                       state: dict[str, torch.Tensor] | None, rank: int, seed: int,
                       checkpointing: dict[str, bool], kernels: str = "plain", attention: str = "sdpa",
-                      compile_blocks: bool = False) -> tuple[VisionLanguageModel, dict[str, int]]:
+                      compile_blocks: bool = False, source: str = "the starting weights"
+                      ) -> tuple[VisionLanguageModel, dict[str, int]]:
     """Build (partitioned under ZeRO-3), load `state` (needed on rank 0 only under ZeRO-3), apply the freeze policy.
     `attention` is a resolved implementation (`mmtrain.model.attention.resolve_attention`).
 
@@ -94,9 +95,7 @@ def build_stage_model(config: VLMConfig, stage: StageSpec, ds_config: dict[str, 
     """
     with partitioned_build(config, ds_config, zero3), _no_init_weights():
         model = VisionLanguageModel.from_config(config, pretrained=False)  # weights come from `state` below
-    missing = load_into(model, state or {}, rank, zero3)
-    if (rank == 0 or not zero3) and missing:
-        raise UserError(f"starting weights lack {len(missing)} parameters, e.g. {missing[:3]}")
+    load_into(model, state or {}, rank, zero3, source)  # `source` names the weights in its errors
     enable_checkpointing(model, checkpointing)
     if kernels == "liger":
         apply_liger(model)

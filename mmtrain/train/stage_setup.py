@@ -37,6 +37,18 @@ def starting_weights(ctx: RunContext, index: int) -> dict[str, torch.Tensor]:
                     f"but no complete {ctx.stage_dir(previous)} was found (pass --init-from RUN_DIR)")
 
 
+def weights_source(ctx: RunContext, index: int) -> str:
+    """Where stage `index`'s starting weights come from, in words, for errors that name them (every rank agrees)."""
+    recipe = ctx.recipe
+    if index == 0:
+        return recipe.model.init or f"the initial {recipe.model.preset} model"
+    previous = recipe.stages[index - 1]
+    for root in (ctx.out, ctx.options.init_from):
+        if root is not None and (ctx.stage_dir(previous, root) / ckpt.COMPLETE).is_file():
+            return str(ctx.stage_dir(previous, root))
+    return f"stage {previous.name}'s weights"
+
+
 def loader_config(recipe: Recipe, stage: StageSpec, config: VLMConfig, image: ImageConfig) -> LoaderConfig:
     """The LoaderConfig a stage trains with: its data mixture, batch and length, the recipe's template, seed and
     fault policy, and the stage's `loader` knobs (every one, so LoaderConfig's defaults play no part)."""
@@ -65,7 +77,8 @@ def build_stage(ctx: RunContext, index: int, ref: ckpt.CheckpointRef | None = No
     state = starting_weights(ctx, index) if ctx.rank == 0 or not zero3 else None
     attention = resolve_attention(recipe.attention, ctx.device.type, packed=stage.pack)
     model, trainable = build_stage_model(ctx.config, stage, ds_config, zero3, state, ctx.rank, recipe.seed + index,
-                                         recipe.checkpointing(), recipe.kernels, attention, recipe.compile)
+                                         recipe.checkpointing(), recipe.kernels, attention, recipe.compile,
+                                         weights_source(ctx, index))
     del state
     optimizer, scheduler, group_names = optimizer_and_schedule(model, stage)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

@@ -11,9 +11,12 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, part_classes
+from mmtrain.model.loading_report import listing, refuse_unaccounted
 
 
 def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
@@ -43,26 +46,63 @@ def gathered_state_dict(model: nn.Module, rank: int, keep: Callable[[str], bool]
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], rank: int, zero3: bool) -> list[str]:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], rank: int, zero3: bool,
+              source: str = "the starting weights") -> None:
     """Copy `state` into the (possibly partitioned) model; under ZeRO-3 only rank 0 needs `state`. Collective.
 
-    Returns the model's parameter names that `state` did not cover (rank 0; the caller decides if that is an error).
-    """
-    missing: list[str] = []
+    Every tensor is accounted for: a parameter `state` lacks, a `state` tensor the model has no place for, a shape
+    that differs, or two names the model ties holding different tensors stop the load on every rank (rank 0 names
+    the tensors), rather than training with a silently dropped or uninitialised weight."""
+    reader = rank == 0 or not zero3
+    missing, mismatched, used, seen = [], [], set(), set()
     for prefix, module in model.named_modules():
-        own = list(module.named_parameters(recurse=False))
-        if not own:
-            continue
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]  # tied: once
+        seen.update(id(p) for _, p in own)
         with _gathered([p for _, p in own], modifier_rank=0):
-            if rank == 0 or not zero3:
+            if reader:
                 for n, p in own:
                     name = f"{prefix}.{n}" if prefix else n
-                    if name in state:
+                    if name not in state:
+                        missing.append(name)
+                    elif tuple(state[name].shape) != tuple(p.data.shape):
+                        mismatched.append(f"{name} {tuple(state[name].shape)} vs {tuple(p.data.shape)}")
+                    else:
                         with torch.no_grad():
                             p.data.copy_(state[name].to(p.dtype))
-                    else:
-                        missing.append(name)
-    return missing
+                    used.add(name)
+        for n, buffer in module.named_buffers(recurse=False):
+            name = f"{prefix}.{n}" if prefix else n
+            if buffer is None or n in module._non_persistent_buffers_set or name not in state:
+                continue
+            if reader:
+                buffer.copy_(state[name].to(buffer.dtype))
+            if zero3 and dist.is_initialized():  # buffers are whole on every rank; only rank 0 read them
+                dist.broadcast(buffer, 0)
+            used.add(name)
+    untied = []
+    if reader:
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            source_name = canonical[id(p)]
+            if name != source_name and name in state:
+                used.add(name)
+                if source_name in state and not torch.equal(state[name], state[source_name]):
+                    untied.append(f"{name} (tied to {source_name})")
+    problems = [missing, sorted(set(state) - used) if reader else [], mismatched, untied]
+    if zero3 and dist.is_initialized():
+        count = torch.tensor([float(sum(map(len, problems)))], device=_device_of(model))
+        dist.broadcast(count, 0)
+        if count.item() and not reader:
+            raise UserError(f"{source}: rank 0 refused them (its error names the tensors)")
+    if reader:
+        refuse_unaccounted(source, "model", problems[0], problems[1], problems[2])
+        if untied:
+            raise UserError(f"{source}: the model ties weights the checkpoint holds apart: {listing(untied)}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the process group's collectives run for this model (NCCL needs the GPU, gloo takes the CPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _module_classes() -> set[type]:
@@ -86,7 +126,7 @@ def partitioned_build(config: VLMConfig, ds_config: dict[str, Any] | None, enabl
     lacks `_kernel_funcs`). Hence the model's classes are imported before entering, and on exit a class defined
     inside whose `__init__` did not come back to its own is refused by name, instead of breaking the next build.
     """
-    import deepspeed  # see partitioned_build
+    import deepspeed  # lazy: see _gathered
 
     if not enabled:
         yield
