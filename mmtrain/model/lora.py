@@ -1,16 +1,18 @@
 """Freeze policy per stage and LoRA by role (peft), with trainable counts by part and a peft-format adapter.
 
 Parts are the model's top-level children: `vision`, `connector` (xattn / layer-wise blocks included), `llm`. LoRA
-parameters count under the part whose module they adapt. Roles map to module names per architecture family:
+parameters count under the part whose module they adapt. A role names blocks, not projection names, so it holds for
+every family, fused projections included:
 
-| role       | LLaMA / Mistral / Qwen2 / Qwen3         | GPT-NeoX                            | connector                         |
-|------------|-----------------------------------------|-------------------------------------|-----------------------------------|
-| self_attn  | self_attn.{q,k,v,o}_proj                | attention.{query_key_value,dense}   | -                                 |
-| ffn        | mlp.{gate,up,down}_proj                 | mlp.{dense_h_to_4h,dense_4h_to_h}   | xattn FFN fc1/fc2                 |
-| cross_attn | -                                       | -                                   | xattn to_q/to_kv/to_out, abstractor q/k/v/o |
-| vision     | CLIP / SigLIP: self_attn.{q,k,v,out}_proj, mlp.fc{1,2}; ViT: attention query/key/value/output, intermediate/output dense |
+| role       | what it adapts                                                                                   |
+|------------|--------------------------------------------------------------------------------------------------|
+| self_attn  | every linear layer of each decoder layer's attention block (`self_attn`, `attention`, `attn`): LLaMA's q/k/v/o_proj, Phi-3's qkv_proj + o_proj, GPT-NeoX's query_key_value + dense |
+| ffn        | every linear layer of each decoder layer's MLP block (`mlp`, `feed_forward`): gate/up/down_proj, Phi-3's gate_up_proj + down_proj; and the xattn connector's FFN |
+| cross_attn | the connector's attention: xattn to_q/to_kv/to_out, abstractor q/k/v/o                           |
+| vision     | the vision encoder's attention and MLP linears (CLIP / SigLIP / ViT)                             |
+
+A role that adapts nothing in this model is an error naming the modules it looked at.
 """
-
 from __future__ import annotations
 
 import re
@@ -23,17 +25,18 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmtrain.errors import UserError
+from mmtrain.model.llm import decoder_layers
+
 PARTS = ("vision", "connector", "llm")
 ROLES = ("self_attn", "cross_attn", "ffn", "vision")
 LLM_MODES = ("frozen", "lora", "full")
 ADAPTER = "default"
 EXTRA_WEIGHTS = "non_lora_trainables.safetensors"
 
-_LLAMA = {"self_attn": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)", "ffn": r"mlp\.(gate_proj|up_proj|down_proj)"}
-LLM_ROLE_PATTERNS: dict[str, dict[str, str]] = {
-    **{family: _LLAMA for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
-    "gpt_neox": {"self_attn": r"attention\.(query_key_value|dense)", "ffn": r"mlp\.(dense_h_to_4h|dense_4h_to_h)"},
-}
+ATTENTION_BLOCKS = ("self_attn", "attention", "attn", "self_attention")
+FFN_BLOCKS = ("mlp", "feed_forward", "ffn")
+LLM_ROLE_BLOCKS = {"self_attn": ATTENTION_BLOCKS, "ffn": FFN_BLOCKS}
 VISION_ROLE_PATTERN = (  # CLIP / SigLIP / ViT, under transformers 4.x and 5.x names
     r"(self_attn|attention)\.(q_proj|k_proj|v_proj|out_proj|o_proj)|mlp\.(fc1|fc2)"
     r"|attention\.attention\.(query|key|value)|attention\.output\.dense|intermediate\.dense|layer\.\d+\.output\.dense"
@@ -52,20 +55,45 @@ def _linear_names(module: nn.Module, prefix: str, pattern: str) -> list[str]:
     return [f"{prefix}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear) and regex.search(n)]
 
 
-def lora_target_names(model: nn.Module, roles: Iterable[str], llm_lora: bool, connector_frozen: bool) -> list[str]:
-    """Full module names (from the model root) that the given roles adapt."""
+def llm_role_targets(llm: nn.Module, role: str) -> list[str]:
+    """Module names (relative to the LLM) of every linear layer in each decoder layer's block for `role`."""
+    names = {id(m): n for n, m in llm.named_modules()}
+    blocks = LLM_ROLE_BLOCKS[role]
     targets: list[str] = []
-    family = model.config.text_config["model_type"]
+    for i, layer in enumerate(decoder_layers(llm)):
+        found = next((b for b in blocks if isinstance(getattr(layer, b, None), nn.Module)), None)
+        if found is None:
+            children = [n for n, _ in layer.named_children()]
+            raise UserError(f"LoRA role {role}: decoder layer {i} ({type(layer).__name__}) has no "
+                            f"{' / '.join(blocks)} block; its modules: {children}")
+        block = getattr(layer, found)
+        targets += [f"{names[id(block)]}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    return targets
+
+
+def lora_target_names(model: nn.Module, roles: Iterable[str], llm_lora: bool, connector_frozen: bool) -> list[str]:
+    """Full module names (from the model root) that the given roles adapt. A role that adapts nothing here is a
+    UserError naming the linear modules of the part it looked in."""
+    targets: list[str] = []
     for role in roles:
-        if role in ("self_attn", "ffn") and llm_lora:
-            if family not in LLM_ROLE_PATTERNS:
-                raise ValueError(f"no LoRA role names for LLM family {family!r}; known: {sorted(LLM_ROLE_PATTERNS)}")
-            targets += _linear_names(model.llm, "llm", LLM_ROLE_PATTERNS[family][role])
+        found: list[str] = []
+        if role in LLM_ROLE_BLOCKS and llm_lora:
+            found += [f"llm.{n}" for n in llm_role_targets(model.llm, role)]
         if role in ("cross_attn", "ffn") and connector_frozen:
-            targets += [f"connector.{n}" for n in model.connector.lora_targets(role)]
+            found += [f"connector.{n}" for n in model.connector.lora_targets(role)]
         if role == "vision":
-            targets += _linear_names(model.vision.model, "vision.model", VISION_ROLE_PATTERN)
+            found += _linear_names(model.vision.model, "vision.model", VISION_ROLE_PATTERN)
+        if not found and (role == "vision" or (role == "cross_attn" and connector_frozen)):
+            part = "vision" if role == "vision" else "connector"
+            seen = [n for n, m in getattr(model, part).named_modules() if isinstance(m, nn.Linear)]
+            raise UserError(f"LoRA role {role} adapts no module of this model's {part} "
+                            f"({type(getattr(model, part)).__name__}); its linear modules: {_sample(seen)}")
+        targets += found
     return sorted(set(targets))
+
+
+def _sample(names: list[str], shown: int = 12) -> str:
+    return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if len(names) > shown else "") if names else "none"
 
 
 def _validate(vision: bool | int, llm: str, roles: list[str], connector: bool) -> None:

@@ -156,3 +156,36 @@ def test_next_stage_merges_the_previous_adapter():
     assert counts["llm"] == sum(p.numel() for p in model.llm.parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-5)
+
+
+def test_roles_cover_fused_projections_phi3():
+    """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the roles adapt them whole, none missed."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from mmtrain.model.lora import llm_role_targets
+
+    llm = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    assert llm_role_targets(llm, "self_attn") == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1)
+                                                  for p in ("o_proj", "qkv_proj")]
+    assert llm_role_targets(llm, "ffn") == [f"model.layers.{i}.mlp.{p}" for i in (0, 1)
+                                            for p in ("gate_up_proj", "down_proj")]
+
+
+def test_a_role_that_adapts_nothing_names_what_it_saw():
+    from mmtrain.errors import UserError
+    from mmtrain.model.llm import decoder_layers
+    from mmtrain.model.lora import llm_role_targets
+
+    mlp = make_model("mlp")
+    with pytest.raises(UserError, match=r"LoRA role cross_attn adapts no module of this model's connector "
+                                        r"\(MLPConnector\); its linear modules: proj\.0, proj\.2$"):
+        lora_target_names(mlp, ["cross_attn"], llm_lora=False, connector_frozen=True)
+    layer = decoder_layers(mlp.llm)[0]
+    layer.mixer = layer.self_attn  # a family whose attention block has another name
+    del layer.self_attn
+    with pytest.raises(UserError) as caught:
+        llm_role_targets(mlp.llm, "self_attn")
+    assert str(caught.value) == ("LoRA role self_attn: decoder layer 0 (LlamaDecoderLayer) has no self_attn / "
+                                 "attention / attn / self_attention block; its modules: ['mlp', 'input_layernorm', "
+                                 "'post_attention_layernorm', 'mixer']")
