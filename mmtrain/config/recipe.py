@@ -22,16 +22,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ModelSpec(Spec):
     """Which model: a preset, its parts from local directories or a saved model, and config changes."""
 
-    preset: str = "tiny"
-    """A preset of mmtrain/model/presets.py: tiny, owl-7b, mmgpt-9b, pum-7b."""
+    preset: str | None = None
+    """A preset of mmtrain/model/presets.py (tiny, owl-7b, mmgpt-9b, pum-7b, llava-7b); none: the model is `connector`
+    on the parts vision_path and llm_path describe in their own config.json."""
     connector: str | None = None
-    """Override the preset's connector (abstractor | xattn | layerwise | mlp)."""
+    """abstractor | xattn | layerwise | mlp: the preset's by default (its options then reset to the defaults)."""
     init: str | None = None
     """A VisionLanguageModel directory (save_pretrained) to start from; default: the preset's parts."""
     vision_path: str | None = None
-    """A local vision tower directory (HF CLIP / SigLIP) whose weights the first stage starts from."""
+    """A local vision tower directory (HF CLIP / SigLIP / ViT): its config.json describes the tower, its weights and
+    preprocessor_config.json (image size, mean, std) are the first stage's."""
     llm_path: str | None = None
-    """A local LLM directory (HF) whose weights the first stage starts from."""
+    """A local causal-LM directory (any family AutoModelForCausalLM loads): its config.json describes the LLM, its
+    weights are the first stage's."""
     config: dict[str, Any] = field(default_factory=dict)
     """Fields merged into the preset's VLMConfig (e.g. text_config: {num_hidden_layers: 2}): a free-form HF config
     fragment, so a mapping, not a typed spec; the model config checks it when the model is built."""
@@ -43,12 +46,14 @@ class ImageSpec(Spec):
 
     size: Int | None = None
     """Output height and width; default: the vision tower's image_size."""
-    mean: tuple[Float, Float, Float] = CLIP_MEAN
-    """Per-channel mean the pixels are normalized with (CLIP's)."""
-    std: tuple[Float, Float, Float] = CLIP_STD
-    """Per-channel std the pixels are normalized with (CLIP's)."""
-    resize: Literal["shortest", "pad"] = "shortest"
-    """shortest: scale the shortest side to size and centre-crop; pad: pad to a square with the mean colour."""
+    mean: tuple[Float, Float, Float] | None = None
+    """Per-channel mean the pixels are normalized with; default: the vision tower's preprocessor_config.json, else
+    CLIP's."""
+    std: tuple[Float, Float, Float] | None = None
+    """Per-channel std; default: the vision tower's preprocessor_config.json, else CLIP's."""
+    resize: Literal["shortest", "pad"] | None = None
+    """shortest: scale the shortest side to size and centre-crop; pad: pad to a square with the mean colour; default:
+    pad where the tower's preprocessor pads, else shortest."""
     augment: Bool = False
     """Random resized crop (scale 0.8–1), seeded per sample so a resumed run sees the same pixels."""
     hflip: Bool = False
@@ -57,9 +62,13 @@ class ImageSpec(Spec):
     def check(self) -> None:
         at_least(self, "size", 1)
 
-    def config_fields(self, tower_size: int) -> dict[str, Any]:
-        """ImageConfig's keyword arguments, `size` defaulting to the tower's `tower_size`."""
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "size": self.size or tower_size}
+    def config_fields(self, tower_size: int, tower_processor: dict[str, Any] | None = None) -> dict[str, Any]:
+        """ImageConfig's keyword arguments: what the recipe sets, else the tower's preprocessor settings (mean, std,
+        resize), else CLIP's; the size is the tower's image_size unless the recipe sets one."""
+        base = {"mean": CLIP_MEAN, "std": CLIP_STD, "resize": "shortest",
+                **{k: v for k, v in (tower_processor or {}).items() if k != "size"}, "size": tower_size}
+        return {**base, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                           if getattr(self, f.name) is not None}}
 
 
 @dataclass

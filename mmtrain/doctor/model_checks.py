@@ -1,4 +1,4 @@
-"""Model checks: local checkpoint directories match the preset's shapes; the disk holds a checkpoint.
+"""Model checks: local checkpoint directories describe a model mmtrain can build; the disk holds a checkpoint.
 
 Disk estimate (bytes), with p = 4 (fp32) or 2 (bf16 / fp16) and parameter counts from the meta-device model:
   checkpoint(stage) = 12 × trainable(stage) + p × total      fp32 master copy + Adam's two moments of what trains,
@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
-
 from mmtrain.doctor.context import Context, Unavailable, stage_label
 from mmtrain.doctor.report import Check, row
+from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, preset_config
+from mmtrain.model.checkpoint_configs import text_config_from, vision_config_from
 from mmtrain.model.vlm import WEIGHTS_NAME
 
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
@@ -29,26 +29,14 @@ TEXT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
                "vocab_size")
 
 
-def _hf_config(path: str, part: str) -> dict[str, Any]:
-    """The checkpoint's config as a dict (AutoConfig fills defaults); the vision part of a full CLIP / SigLIP."""
-    if not Path(path).is_dir():
-        raise ValueError(f"model.{part}_path {path} does not exist")
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"model.{part}_path {path} has no config.json")
-    config = AutoConfig.from_pretrained(path)
-    if part == "vision":
-        config = getattr(config, "vision_config", config)
-    return config.to_dict()
-
-
-def _mismatches(expected: dict[str, Any], found: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
-    return [f"{name} {found.get(name)} (preset: {expected[name]})" for name in fields
-            if name in expected and name in found and found[name] != expected[name]]
+def _mismatches(published: dict[str, Any], found: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    return [f"{name} {found.get(name)} (published: {published[name]})" for name in fields
+            if name in published and name in found and found[name] != published[name]]
 
 
 def check_model_paths(ctx: Context) -> Check:
-    """Each local path exists and its config.json matches the shapes the recipe's model config expects, so a wrong
-    directory fails here instead of as a shape error while loading weights on rank 0."""
+    """Each local checkpoint directory has a config.json that transformers reads and whose family mmtrain can build
+    (the model is described by these files), so a wrong directory fails here instead of on rank 0 while loading."""
     spec = ctx.recipe.model
     problems: list[tuple[str, str]] = []
     if spec.init:
@@ -58,38 +46,48 @@ def check_model_paths(ctx: Context) -> Check:
                 problems.append(("FAIL", f"model.init {spec.init} has no {WEIGHTS_NAME}"))
         except (OSError, ValueError, TypeError) as exc:
             problems.append(("FAIL", f"model.init {spec.init}: {exc}"))
-        ignored = [k for k in ("connector", "config", "vision_path", "llm_path") if getattr(spec, k)]
+        ignored = [k for k in ("preset", "connector", "config", "vision_path", "llm_path") if getattr(spec, k)]
         if ignored:
             problems.append(("WARN", f"model.init is set, so model.{', model.'.join(ignored)} are ignored "
                                      f"(the init directory's config is used)"))
         return row("model paths", problems, f"model.init {spec.init}: config and weights present")
     if not spec.vision_path and not spec.llm_path:
+        if not spec.preset:
+            return Check("model paths", "FAIL", "model: name a preset, or a connector with vision_path and llm_path, "
+                                                "or init")
         return Check("model paths", "PASS", f"none (preset {spec.preset!r} from scratch)")
     if bool(spec.vision_path) != bool(spec.llm_path):
         missing = "llm_path" if spec.vision_path else "vision_path"
         problems.append(("FAIL", f"model.{missing} is unset: pretrained parts load only with both vision_path and "
                                  f"llm_path (or start from model.init)"))
-    try:
-        expected = ctx.model_config()
-    except Unavailable:
-        expected = preset_config(spec.preset, spec.vision_path, spec.llm_path)
-    for part, fields, wanted in (("vision", VISION_FIELDS, expected.vision_config),
-                                 ("llm", TEXT_FIELDS, expected.text_config)):
+    if not spec.preset and not spec.connector:
+        problems.append(("FAIL", "model.connector is unset: without a preset, name the connector"))
+    published = preset_config(spec.preset) if spec.preset else None
+    found_parts = []
+    for part, fields, read in (("vision", VISION_FIELDS, vision_config_from), ("llm", TEXT_FIELDS, text_config_from)):
         path = getattr(spec, f"{part}_path")
         if not path:
             continue
+        if not Path(path).is_dir():
+            problems.append(("FAIL", f"model.{part}_path {path} does not exist"))
+            continue
         try:
-            found = _hf_config(path, part)
-        except (OSError, ValueError) as exc:
+            found = read(path)
+        except UserError as exc:
             problems.append(("FAIL", str(exc)))
             continue
+        found_parts.append(f"{found['model_type']} from {path}")
+        wanted = published.vision_config if published and part == "vision" else published.text_config if published \
+            else {}
         bad = _mismatches(wanted, found, fields)
         if bad:
-            section = "vision_config" if part == "vision" else "text_config"
-            problems.append(("FAIL", f"model.{part}_path {path}/config.json: {', '.join(bad)}; point it at the "
-                                     f"preset's checkpoint or override model.config.{section}"))
-    paths = ", ".join(p for p in (spec.vision_path, spec.llm_path) if p)
-    return row("model paths", problems, f"{paths}: config.json shapes match preset {spec.preset!r}")
+            problems.append(("WARN", f"model.{part}_path {path}/config.json: {', '.join(bad)}: not preset "
+                                     f"{spec.preset!r}'s published part (the checkpoint's own config is used)"))
+    if spec.vision_path and Path(spec.vision_path).is_dir():
+        processor = Path(spec.vision_path) / "preprocessor_config.json"
+        found_parts.append("image mean/std from its preprocessor_config.json" if processor.is_file()
+                           else "no preprocessor_config.json: CLIP's image mean/std unless the recipe's image sets them")
+    return row("model paths", problems, "; ".join(found_parts))
 
 
 def _gb(n: float) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from mmtrain.errors import UserError
+from mmtrain.model.checkpoint_configs import text_config_from, vision_config_from
 from mmtrain.model.config import VLMConfig
 from mmtrain.model.lora import parameter_counts
 from mmtrain.model.vlm import VisionLanguageModel
@@ -88,9 +89,20 @@ PRESETS: dict[str, Callable[..., VLMConfig]] = {
 
 
 def preset_config(name: str, vision_path: str | None = None, llm_path: str | None = None) -> VLMConfig:
+    """A preset's model config. A preset names its connector and published part configs; a part given as a local
+    checkpoint directory is described by that checkpoint's own config.json instead (the published copy is for
+    `model summary` and runs from scratch)."""
     if name not in PRESETS:
         raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name](vision_path=vision_path, llm_path=llm_path)
+    config = PRESETS[name](vision_path=vision_path, llm_path=llm_path)
+    if not (vision_path or llm_path):
+        return config
+    raw = config.to_dict()
+    if vision_path:
+        raw["vision_config"] = vision_config_from(vision_path)
+    if llm_path:
+        raw["text_config"] = text_config_from(llm_path)
+    return VLMConfig.from_dict(raw)
 
 
 def build_preset(name: str, vision_path: str | None = None, llm_path: str | None = None, pretrained: bool | None = None):

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.config import Recipe
-from mmtrain.data.loader.images import ImageConfig
 from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.train import checkpoint as ckpt, preemption
@@ -29,7 +28,7 @@ from mmtrain.train.recipe_change import check_resume
 from mmtrain.train.run_context import RunContext, RunOptions, StageEngine, StageResult
 from mmtrain.train.runtime import init_distributed
 from mmtrain.train.saving import export_stage_weights, save_checkpoint
-from mmtrain.train.stage_model import model_config
+from mmtrain.train.stage_model import image_config as recipe_image_config, model_config
 from mmtrain.train.stage_setup import build_stage
 from mmtrain.train.stepping import run_steps
 
@@ -52,7 +51,7 @@ class Trainer:
         preflight(recipe, options, rank, world_size, device)
         tokenizer = load_tokenizer(recipe.tokenizer)
         config = model_config(recipe, tokenizer)
-        image_config = ImageConfig(**recipe.image.config_fields(config.vision_config.get("image_size", 224)))
+        image_config = recipe_image_config(recipe, config)
         self.ctx = RunContext(recipe, options, rank, world_size, device, precision, DTYPES[precision],
                               peak_flops(device, precision, recipe.peak_tflops), tokenizer, config, image_config,
                               heartbeat, MetricsLogger(options.out, rank, options.tensorboard))

@@ -17,8 +17,10 @@ import torch
 
 from mmtrain.config import Recipe, StageSpec
 from mmtrain.data.loader.image_token import image_token_id
+from mmtrain.data.loader.images import ImageConfig, processor_settings
 from mmtrain.errors import UserError
 from mmtrain.model import VisionLanguageModel, VLMConfig, apply_stage_policy, preset_config
+from mmtrain.model.checkpoint_configs import checkpoint_config
 from mmtrain.model.compile import compile_decoder_blocks
 from mmtrain.model.lora import trainable_parameter_groups
 from mmtrain.model.vlm import WEIGHTS_NAME, read_weights
@@ -32,7 +34,13 @@ def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
     if spec.init:
         return VLMConfig.from_pretrained(spec.init)
 
-    config = preset_config(spec.preset, spec.vision_path, spec.llm_path)
+    if spec.preset:
+        config = preset_config(spec.preset, spec.vision_path, spec.llm_path)
+    elif spec.vision_path and spec.llm_path and spec.connector:
+        config = checkpoint_config(spec.connector, spec.vision_path, spec.llm_path)
+    else:
+        raise UserError("model: name a preset, or a connector with vision_path and llm_path (the checkpoints' own "
+                        "configs), or init (a saved mmtrain model)")
     raw = config.to_dict()
     if spec.connector:
         if spec.connector != config.connector:
@@ -52,6 +60,13 @@ def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
             text[f"{name}_token_id"] = int(token_id)
     raw["image_token_id"] = image_token_id(tokenizer)
     return VLMConfig.from_dict(raw)
+
+
+def image_config(recipe: Recipe, config: VLMConfig) -> ImageConfig:
+    """How pixels reach this model's tower: the recipe's `image` settings, else the tower checkpoint's
+    preprocessor_config.json (mean, std, resize), else CLIP's; the size is the tower's image_size."""
+    processor = processor_settings(config.vision_path) if config.vision_path else {}
+    return ImageConfig(**recipe.image.config_fields(config.vision_config.get("image_size", 224), processor))
 
 
 def initial_state(recipe: Recipe, config: VLMConfig) -> dict[str, torch.Tensor]:

@@ -41,7 +41,11 @@ def weights_source(ctx: RunContext, index: int) -> str:
     """Where stage `index`'s starting weights come from, in words, for errors that name them (every rank agrees)."""
     recipe = ctx.recipe
     if index == 0:
-        return recipe.model.init or f"the initial {recipe.model.preset} model"
+        spec = recipe.model
+        if spec.init:
+            return spec.init
+        parts = [p for p in (spec.vision_path, spec.llm_path) if p]
+        return " and ".join(parts) if parts else f"the initial {spec.preset} model"
     previous = recipe.stages[index - 1]
     for root in (ctx.out, ctx.options.init_from):
         if root is not None and (ctx.stage_dir(previous, root) / ckpt.COMPLETE).is_file():

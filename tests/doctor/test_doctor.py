@@ -115,16 +115,30 @@ def _part_dirs(tmp_path: Path, llm_hidden: int) -> tuple[Path, Path]:
     return vision, llm
 
 
-def test_an_llm_path_with_the_wrong_hidden_size_fails_the_model_paths_row(doctor_data, tmp_path):
+def test_part_dirs_describe_the_model_and_a_missing_one_fails_the_model_paths_row(doctor_data, tmp_path):
     vision, llm = _part_dirs(tmp_path, llm_hidden=256)
     raw = tiny_recipe(doctor_data)
     raw["model"] = {"preset": "tiny", "vision_path": str(vision), "llm_path": str(llm)}
-    failed = only_failure(checks_of(raw, tmp_path))
-    assert failed.name == "model paths"
-    assert f"model.llm_path {llm}/config.json: hidden_size 256 (preset: 128)" in failed.detail
+    checks = checks_of(raw, tmp_path)
+    assert checks["model paths"].status == "WARN"
+    assert checks["model paths"].detail == (f"model.llm_path {llm}/config.json: hidden_size 256 (published: 128): not "
+                                            "preset 'tiny''s published part (the checkpoint's own config is used)")
+    assert not failures(list(checks.values()))
     raw["model"]["llm_path"] = str(tmp_path / "nowhere")
-    failed = only_failure(checks_of(raw, tmp_path))
-    assert failed.name == "model paths" and f"model.llm_path {tmp_path / 'nowhere'} does not exist" in failed.detail
+    checks = checks_of(raw, tmp_path)
+    assert checks["model paths"].detail == f"model.llm_path {tmp_path / 'nowhere'} does not exist"
+    assert [c.name for c in failures(list(checks.values()))] == ["vocabulary", "model paths"]  # no model config
+
+
+def test_without_a_preset_the_model_needs_a_connector_and_both_parts(doctor_data, tmp_path):
+    vision, llm = _part_dirs(tmp_path, llm_hidden=128)
+    raw = tiny_recipe(doctor_data)
+    raw["model"] = {"vision_path": str(vision)}
+    checks = checks_of(raw, tmp_path)
+    assert [c.name for c in failures(list(checks.values()))] == ["vocabulary", "model paths"]
+    assert checks["model paths"].detail == (
+        "model.llm_path is unset: pretrained parts load only with both vision_path and llm_path (or start from "
+        "model.init); model.connector is unset: without a preset, name the connector")
 
 
 def test_matching_part_dirs_pass(doctor_data, tmp_path):
@@ -133,6 +147,9 @@ def test_matching_part_dirs_pass(doctor_data, tmp_path):
     raw["model"] = {"preset": "tiny", "vision_path": str(vision), "llm_path": str(llm)}
     checks = checks_of(raw, tmp_path)
     assert checks["model paths"].status == "PASS" and "fixed by model.llm_path" in checks["vocabulary"].detail
+    assert checks["model paths"].detail == (f"clip_vision_model from {vision}; llama from {llm}; no "
+                                            "preprocessor_config.json: CLIP's image mean/std unless the recipe's "
+                                            "image sets them")
     assert not failures(list(checks.values()))
 
 

@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 
 from mmtrain.config import load_recipe
-from mmtrain.data.loader.images import ImageConfig
 from mmtrain.data.loader.stream import build_loader
 from mmtrain.data.loader.tokenizer import load_tokenizer
-from mmtrain.train.stage_model import model_config
+from mmtrain.train.stage_model import image_config, model_config
 from mmtrain.train.stage_setup import loader_config
 
 
@@ -36,7 +35,7 @@ def main() -> None:
     tokenizer = load_tokenizer(recipe.tokenizer)
     config = model_config(recipe, tokenizer)
     stage = recipe.stages[0]
-    image = ImageConfig(**recipe.image.config_fields(config.vision_config.get("image_size", 224)))
+    image = image_config(recipe, config)
     loader = build_loader(loader_config(recipe, stage, config, image), tokenizer, rank, world_size)
     batches = [{"keys": list(b["keys"]), "filler": [bool(x) for x in b["filler"]]} for b in loader]
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]

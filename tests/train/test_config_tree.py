@@ -71,8 +71,8 @@ def test_one_default_per_knob_across_recipe_loader_and_shard_builder() -> None:
     assert faults["max_image_pixels"] == loader["max_image_pixels"] == defaults(BuildOptions)["max_image_pixels"]
     assert spec["num_workers"] == 1  # what the trainer always used (it forced 1 where the recipe named none)
     image, image_spec = defaults(ImageConfig), defaults(ImageSpec)
-    assert {k: v for k, v in image_spec.items() if k != "size"} == {k: v for k, v in image.items() if k != "size"}
-    assert image_spec["size"] is None  # the vision tower's image_size
+    assert {k: v for k, v in image_spec.items() if v is not None} == {"augment": False, "hflip": False}
+    assert ImageSpec().config_fields(image["size"]) == image  # unset: the tower's size, CLIP's mean and std
     assert typing_args(Part) == lora.PARTS and typing_args(LoraRole) == lora.ROLES
 
 

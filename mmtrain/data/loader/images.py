@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -56,19 +56,26 @@ class ImageConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "ImageConfig":
         """Read mean/std/size from a HF `preprocessor_config.json` (a file, or the directory holding it)."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "preprocessor_config.json"
-        cfg = json.loads(p.read_text())
-        size = cfg.get("crop_size") or cfg.get("size") or cls.size
-        if isinstance(size, dict):
-            size = size.get("height") or size.get("shortest_edge") or next(iter(size.values()))
-        kwargs = {"size": int(size), "mean": tuple(cfg.get("image_mean", CLIP_MEAN)),
-                  "std": tuple(cfg.get("image_std", CLIP_STD))}
-        if cfg.get("do_pad") or cfg.get("image_aspect_ratio") == "pad":
-            kwargs["resize"] = "pad"
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**{**processor_settings(path), **overrides})
+
+
+def processor_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """size, mean, std (and resize `pad` where the processor pads to a square) from a HF `preprocessor_config.json`
+    (a file, or the directory holding it); {} where there is none."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "preprocessor_config.json"
+    if not p.is_file():
+        return {}
+    cfg = json.loads(p.read_text())
+    size = cfg.get("crop_size") or cfg.get("size") or ImageConfig.size
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or next(iter(size.values()))
+    settings = {"size": int(size), "mean": tuple(cfg.get("image_mean", CLIP_MEAN)),
+                "std": tuple(cfg.get("image_std", CLIP_STD))}
+    if cfg.get("do_pad") or cfg.get("image_aspect_ratio") == "pad":
+        settings["resize"] = "pad"
+    return settings
 
 
 class ImageTooLarge(ValueError):

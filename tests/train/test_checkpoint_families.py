@@ -1,0 +1,90 @@
+"""Stock-layout checkpoints in: a recipe names a connector and two local HF directories (no preset), the model is
+described by their own config.json files, the images by the tower's preprocessor_config.json, and two stages train
+on 2 ranks under ZeRO-3 from the checkpoints' weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+from mmtrain.config import load_recipe
+from mmtrain.data.loader.tokenizer import load_tokenizer
+from mmtrain.errors import UserError
+from mmtrain.launching import run_ranks
+from mmtrain.train.stage_model import image_config, model_config
+from train_helpers import metrics, stage, write_recipe
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    SiglipVisionModel(vision).save_pretrained(root / "siglip")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")  # mean = std = 0.5
+    llm = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    Qwen2ForCausalLM(llm).save_pretrained(root / "qwen2")
+    return {"vision": root / "siglip", "llm": root / "qwen2"}
+
+
+def recipe_for(tmp_path: Path, tiny_data, checkpoints, **model) -> Path:
+    return write_recipe(tmp_path / "recipe.yaml", tiny_data, [
+        stage("align", tiny_data, train={"vision": True, "connector": True, "llm": "frozen"}, steps=3,
+              optimizer={"lr": 1e-3}),
+        stage("lora", tiny_data, train={"vision": False, "connector": False, "llm": "lora"},
+              lora={"roles": ["self_attn", "ffn"], "r": 4, "alpha": 8}, steps=2, optimizer={"lr": 1e-3}),
+    ], model={"connector": "mlp", "vision_path": str(checkpoints["vision"]), "llm_path": str(checkpoints["llm"]),
+              **model})
+
+
+def test_the_model_is_what_the_checkpoints_describe(tmp_path, tiny_data, checkpoints) -> None:
+    recipe = load_recipe(recipe_for(tmp_path, tiny_data, checkpoints))
+    config = model_config(recipe, load_tokenizer(recipe.tokenizer))
+    assert (config.connector, config.vision_config["model_type"], config.text_config["model_type"]) == \
+        ("mlp", "siglip_vision_model", "qwen2")
+    assert (config.text_config["hidden_size"], config.text_config["vocab_size"], config.vision_config["patch_size"]) \
+        == (64, 512, 8)
+    assert config.num_image_slots() == 16  # (32 / 8)² patches, SigLIP has no CLS
+    images = image_config(recipe, config)
+    assert (images.size, images.mean, images.std) == (32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_without_a_preset_the_connector_must_be_named(tmp_path, tiny_data, checkpoints) -> None:
+    recipe = load_recipe(recipe_for(tmp_path, tiny_data, checkpoints, connector=None))
+    with pytest.raises(UserError, match="^model: name a preset, or a connector with vision_path and llm_path"):
+        model_config(recipe, load_tokenizer(recipe.tokenizer))
+
+
+def test_two_stages_train_from_the_checkpoints_weights(tmp_path, tiny_data, checkpoints) -> None:
+    recipe = recipe_for(tmp_path, tiny_data, checkpoints)
+    run = tmp_path / "run"
+    result = run_ranks(2, ["--recipe", str(recipe), "--out", str(run)], log=tmp_path / "train.log", timeout=600)
+    assert result.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
+    qwen = load_file(str(checkpoints["llm"] / "model.safetensors"))
+    siglip = load_file(str(checkpoints["vision"] / "model.safetensors"))
+    align = load_file(str(run / "stages" / "align" / "model.safetensors"))
+    lora = load_file(str(run / "stages" / "lora" / "model.safetensors"))
+    # the frozen LLM is the checkpoint's, biases included, tensor for tensor
+    assert {f"llm.{n}" for n in qwen} == {n for n in align if n.startswith("llm.")}
+    assert all(torch.equal(align[f"llm.{n}"], t) for n, t in qwen.items())
+    assert any(n.endswith("q_proj.bias") for n in qwen)
+    # the tower started from the checkpoint and trained
+    ours = {n.removeprefix("vision.model.").removeprefix("vision_model."): t for n, t in align.items()
+            if n.startswith("vision.")}
+    theirs = {n.removeprefix("vision_model."): t for n, t in siglip.items()}
+    assert ours.keys() == theirs.keys()
+    assert any(not torch.equal(ours[n], theirs[n]) for n in theirs)
+    # stage 2 moved exactly the LoRA-adapted LLM linears (merged), nothing of the tower or the connector
+    moved = {n for n in align if not torch.equal(align[n], lora[n])}
+    assert moved and {n.split(".")[-2] for n in moved} <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"}
+    assert all(n.endswith(".weight") and n.startswith("llm.model.layers.") for n in moved)
+    assert len(moved) == 2 * 7
+    losses = [m["loss"] for m in metrics(run)]
+    assert len(losses) == 5
