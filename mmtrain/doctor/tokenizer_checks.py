@@ -8,7 +8,8 @@ from mmtrain.data.loader.image_token import IMAGE_TOKEN, image_token_id
 from mmtrain.data.loader.templates import get_template
 from mmtrain.doctor.context import Context, Unavailable
 from mmtrain.doctor.report import Check, row
-
+from mmtrain.errors import UserError
+from mmtrain.model.checkpoint_configs import text_config_from
 
 
 def _how_to_add(tokens: dict[str, Any]) -> str:
@@ -74,9 +75,12 @@ def check_vocabulary(ctx: Context) -> Check:
     vocab = int(config.text_config.get("vocab_size", 0))
     problems: list[tuple[str, str]] = []
     source = f"model.init {spec.init}" if spec.init else f"model.llm_path {spec.llm_path}" if spec.llm_path else None
-    if source and len(tok) > vocab:
-        problems.append(("FAIL", f"tokenizer has {len(tok)} tokens but {source} has vocab_size {vocab}: resize the "
-                                 f"LLM's embeddings (model.resize_token_embeddings) and save it, or use its tokenizer"))
+    if spec.init and len(tok) > vocab:
+        problems.append(("FAIL", f"tokenizer has {len(tok)} tokens but {source} has vocab_size {vocab}: use the "
+                                 f"tokenizer saved with that model"))
+    grown = _pretrained_vocab(spec.llm_path) if spec.llm_path and not spec.init else None
+    if grown is not None and grown < vocab:
+        source = f"model.llm_path {spec.llm_path}'s {grown} rows grown to {vocab}, new rows at their mean"
     if config.image_token_id >= vocab:
         problems.append(("FAIL", f"image_token_id {config.image_token_id} ≥ vocab_size {vocab}"))
     if spec.init:
@@ -91,3 +95,11 @@ def check_vocabulary(ctx: Context) -> Check:
                                          f"is {ours}"))
     origin = f"fixed by {source}" if source else "sized from the tokenizer"
     return row("vocabulary", problems, f"{len(tok)} tokens ≤ vocab_size {vocab} ({origin})")
+
+
+def _pretrained_vocab(path: str) -> int | None:
+    """The vocabulary a pretrained LLM directory's config.json declares (None where it cannot be read)."""
+    try:
+        return int(text_config_from(path)["vocab_size"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return None

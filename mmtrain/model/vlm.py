@@ -34,12 +34,22 @@ from mmtrain.model.vision import VisionTower, vision_class
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _cover_image_token(llm: nn.Module, config: VLMConfig) -> nn.Module:
-    """xattn embeds its `<image>` marker: grow the vocabulary to hold it (as OpenFlamingo adds `<image>`)."""
-    vocab = llm.get_input_embeddings().num_embeddings
-    if config.connector == "xattn" and config.image_token_id >= vocab:
-        llm.resize_token_embeddings(config.image_token_id + 1)
-        config.text_config["vocab_size"] = config.image_token_id + 1
+def _fit_vocabulary(llm: nn.Module, config: VLMConfig) -> nn.Module:
+    """Grow the LLM's token embeddings (and an untied LM head) to the config's vocabulary: tokens a tokenizer added
+    to a pretrained LLM (`<image>`, `<pad>`), and xattn's embedded `<image>` marker (as OpenFlamingo adds it). New
+    rows start at the mean of the old ones, so an added token begins as an average token, not as noise."""
+    old = llm.get_input_embeddings().num_embeddings
+    target = max(int(config.text_config.get("vocab_size", old)), old)
+    if config.connector == "xattn" and config.image_token_id >= target:
+        target = config.image_token_id + 1
+    if target == old:
+        return llm
+    llm.resize_token_embeddings(target)
+    with torch.no_grad():
+        for table in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}\
+                .values():
+            table.weight[old:] = table.weight[:old].mean(dim=0)
+    config.text_config["vocab_size"] = target
     return llm
 
 
@@ -73,7 +83,7 @@ class VisionLanguageModel(nn.Module):
         else:
             vision = VisionTower.from_config(config.vision_config, config.vision_select_layer, config.vision_keep_cls)
             llm = build_llm(config.text_config)
-        return cls(config, vision, build_connector(config), _cover_image_token(llm, config))
+        return cls(config, vision, build_connector(config), _fit_vocabulary(llm, config))
 
     @property
     def num_image_slots(self) -> int:

@@ -49,11 +49,10 @@ def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
     for key, value in spec.config.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
     text = raw["text_config"]
-    if not spec.llm_path:  # from scratch: the vocabulary is the tokenizer's, rounded up for matmul shapes
+    if not spec.llm_path or len(tokenizer) > text["vocab_size"]:
+        # From scratch, or a pretrained LLM whose tokenizer gained tokens (<image>, <pad>): the vocabulary is the
+        # tokenizer's, rounded up for matmul shapes; a pretrained embedding table grows to it (vlm._fit_vocabulary).
         text["vocab_size"] = int(math.ceil(len(tokenizer) / 64) * 64)
-    elif len(tokenizer) > text["vocab_size"]:
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the LLM at {spec.llm_path} only "
-                        f"{text['vocab_size']}; resize its embeddings first")
     for name in ("bos", "eos", "pad"):
         token_id = getattr(tokenizer, f"{name}_token_id")
         if token_id is not None:

@@ -52,8 +52,10 @@ def test_summary_command_rejects_unknown_preset_in_one_line(capsys):
 def test_paper_preset_needs_local_paths(tmp_path):
     with pytest.raises(UserError, match="unset: vision_path, llm_path"):
         build_preset("owl-7b")
-    with pytest.raises(UserError, match="vision checkpoint directory not found"):
+    with pytest.raises(UserError) as caught:
         build_preset("owl-7b", vision_path=str(tmp_path / "nope"), llm_path=str(tmp_path))
+    assert str(caught.value) == (f"model.vision_path {tmp_path / 'nope'}: no config.json (a local HF checkpoint "
+                                 "directory is expected)")
 
 
 def test_tiny_preset_is_a_few_million_parameters_and_runs():

@@ -88,3 +88,26 @@ def test_two_stages_train_from_the_checkpoints_weights(tmp_path, tiny_data, chec
     assert len(moved) == 2 * 7
     losses = [m["loss"] for m in metrics(run)]
     assert len(losses) == 5
+
+
+def test_tokens_the_tokenizer_adds_grow_a_pretrained_vocabulary_at_the_mean(tmp_path, tiny_data, checkpoints) -> None:
+    """A stock LLM whose tokenizer gained tokens (<image>, <pad>): the config's vocabulary is the tokenizer's (rounded
+    up to 64), the checkpoint's rows are kept and every new row of the embeddings and the untied head is their
+    mean."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmtrain.model import VisionLanguageModel
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    recipe = load_recipe(recipe_for(tmp_path, tiny_data, {**checkpoints, "llm": tmp_path / "llama"}))
+    tokenizer = load_tokenizer(recipe.tokenizer)
+    config = model_config(recipe, tokenizer)
+    assert len(tokenizer) > 128 and config.text_config["vocab_size"] == -(-len(tokenizer) // 64) * 64
+    model = VisionLanguageModel.from_config(config, pretrained=True)
+    saved = load_file(str(tmp_path / "llama" / "model.safetensors"))
+    for table, name in ((model.llm.get_input_embeddings(), "model.embed_tokens.weight"),
+                        (model.llm.get_output_embeddings(), "lm_head.weight")):
+        assert table.weight.shape[0] == config.text_config["vocab_size"]
+        assert torch.equal(table.weight[:128], saved[name])
+        assert torch.equal(table.weight[128:], saved[name].mean(dim=0).expand(table.weight.shape[0] - 128, -1))
