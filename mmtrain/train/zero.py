@@ -72,13 +72,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], rank: int, zero3
                     used.add(name)
         for n, buffer in module.named_buffers(recurse=False):
             name = f"{prefix}.{n}" if prefix else n
-            if buffer is None or n in module._non_persistent_buffers_set or name not in state:
+            if buffer is None or n in module._non_persistent_buffers_set:
                 continue
-            if reader:
+            if reader and name in state:
                 buffer.copy_(state[name].to(buffer.dtype))
-            if zero3 and dist.is_initialized():  # buffers are whole on every rank; only rank 0 read them
+                used.add(name)
+            if zero3 and dist.is_initialized():  # whole on every rank, read by rank 0: every rank joins, every buffer
                 dist.broadcast(buffer, 0)
-            used.add(name)
     untied = []
     if reader:
         canonical = {id(p): n for n, p in model.named_parameters()}
