@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from mmtrain.errors import UserError
 from mmtrain.model.config import VLMConfig
 from mmtrain.model.llm import llm_class
-from mmtrain.model.vision import vision_class
+from mmtrain.model.vision import vision_class, vision_sub_config
 
 META_KEYS = ("architectures", "transformers_version", "_name_or_path", "_commit_hash", "auto_map")
 """Bookkeeping in a saved config.json that describes the file, not the model."""
@@ -31,10 +31,7 @@ def _read(path: str | Path, part: str) -> dict[str, Any]:
 
 def vision_config_from(path: str | Path) -> dict[str, Any]:
     """The vision tower's config dict (the vision part of a full CLIP / SigLIP config)."""
-    config = _read(path, "vision")
-    if config.get("model_type") in ("clip", "siglip"):
-        config = {**config["vision_config"], "model_type": config["model_type"] + "_vision_model"}
-        config = {k: v for k, v in config.items() if k not in META_KEYS}
+    config = {k: v for k, v in vision_sub_config(_read(path, "vision")).items() if k not in META_KEYS}
     try:
         vision_class(config)
     except ValueError as exc:

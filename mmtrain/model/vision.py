@@ -40,7 +40,7 @@ def _family(model_type: str) -> tuple[type, type, bool]:
     return _FAMILIES[model_type]
 
 
-def _vision_sub_config(config: dict[str, Any]) -> dict[str, Any]:
+def vision_sub_config(config: dict[str, Any]) -> dict[str, Any]:
     """A full CLIP / SigLIP config holds the vision part under `vision_config`."""
     if config.get("model_type") in ("clip", "siglip"):
         sub = dict(config.get("vision_config") or {})
@@ -51,7 +51,7 @@ def _vision_sub_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def vision_geometry(config: dict[str, Any]) -> tuple[int, bool, int]:
     """(patches per image, has CLS, hidden size) from a vision config dict alone."""
-    sub = _vision_sub_config(config)
+    sub = vision_sub_config(config)
     _, config_class, has_cls = _family(sub["model_type"])
     defaults = config_class()
     image_size = int(sub.get("image_size", defaults.image_size))
@@ -62,11 +62,11 @@ def vision_geometry(config: dict[str, Any]) -> tuple[int, bool, int]:
 
 def vision_class(config: dict[str, Any]) -> type[nn.Module]:
     """The HF encoder class a vision config dict builds."""
-    return _family(_vision_sub_config(config)["model_type"])[0]
+    return _family(vision_sub_config(config)["model_type"])[0]
 
 
 def build_vision_config(config: dict[str, Any]):
-    sub = _vision_sub_config(config)
+    sub = vision_sub_config(config)
     _, config_class, _ = _family(sub["model_type"])
     kwargs = {k: v for k, v in sub.items() if k != "model_type"}
     return config_class(**kwargs)

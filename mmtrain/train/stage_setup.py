@@ -4,6 +4,7 @@ and, on a resume, both restored from the checkpoint. Collective: every rank call
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -30,9 +31,9 @@ def starting_weights(ctx: RunContext, index: int) -> dict[str, torch.Tensor]:
     if index == 0:
         return initial_state(recipe, ctx.config)
     previous = recipe.stages[index - 1]
-    for root in (ctx.out, ctx.options.init_from):
-        if root is not None and (ctx.stage_dir(previous, root) / ckpt.COMPLETE).is_file():
-            return stage_weights(ctx.stage_dir(previous, root))
+    folder = previous_stage_dir(ctx, index)
+    if folder is not None:
+        return stage_weights(folder)
     raise UserError(f"stage {recipe.stages[index].name!r} starts from stage {previous.name!r}'s weights, "
                     f"but no complete {ctx.stage_dir(previous)} was found (pass --init-from RUN_DIR)")
 
@@ -46,11 +47,17 @@ def weights_source(ctx: RunContext, index: int) -> str:
             return spec.init
         parts = [p for p in (spec.vision_path, spec.llm_path) if p]
         return " and ".join(parts) if parts else f"the initial {spec.preset} model"
-    previous = recipe.stages[index - 1]
+    folder = previous_stage_dir(ctx, index)
+    return str(folder) if folder is not None else f"stage {recipe.stages[index - 1].name}'s weights"
+
+
+def previous_stage_dir(ctx: RunContext, index: int) -> Path | None:
+    """The complete export of stage `index - 1`: this run's, else `--init-from`'s; None when neither has one."""
+    previous = ctx.recipe.stages[index - 1]
     for root in (ctx.out, ctx.options.init_from):
         if root is not None and (ctx.stage_dir(previous, root) / ckpt.COMPLETE).is_file():
-            return str(ctx.stage_dir(previous, root))
-    return f"stage {previous.name}'s weights"
+            return ctx.stage_dir(previous, root)
+    return None
 
 
 def loader_config(recipe: Recipe, stage: StageSpec, config: VLMConfig, image: ImageConfig) -> LoaderConfig:
