@@ -21,7 +21,7 @@ from mmtrain.doctor.report import Check, row
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, preset_config
 from mmtrain.model.checkpoint_configs import text_config_from, vision_config_from
-from mmtrain.model.vlm import WEIGHTS_NAME
+from mmtrain.model.weights_io import WEIGHTS_NAME
 
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
                  "patch_size")

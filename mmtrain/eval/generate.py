@@ -21,7 +21,7 @@ from mmtrain.errors import UserError
 from mmtrain.eval.prompts import Prompt, left_padded, render_prompt, right_padded_with_answers
 from mmtrain.model import VisionLanguageModel
 from mmtrain.model.lora import load_adapter
-from mmtrain.model.vlm import WEIGHTS_NAME
+from mmtrain.model.weights_io import WEIGHTS_NAME
 
 GREY = 128
 """The `--blank-images` ablation's pixel value (all three channels): a constant mid-grey image."""

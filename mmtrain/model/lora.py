@@ -1,4 +1,5 @@
-"""Freeze policy per stage and LoRA by role (peft), with trainable counts by part and a peft-format adapter.
+"""Freeze policy per stage and LoRA by role (peft), with trainable counts by part; LoRA weights on disk: merged into
+a consolidated checkpoint state through peft, and peft-format adapters.
 
 Parts are the model's top-level children: `vision`, `connector` (xattn / layer-wise blocks included), `llm`. LoRA
 parameters count under the part whose module they adapt. A role names blocks, not projection names, so it holds for
@@ -17,22 +18,25 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmtrain.errors import UserError
 from mmtrain.model.llm import decoder_layers
+from mmtrain.model.weights_io import lora_layers
 
 PARTS = ("vision", "connector", "llm")
 ROLES = ("self_attn", "cross_attn", "ffn", "vision")
 LLM_MODES = ("frozen", "lora", "full")
-ADAPTER = "default"
 EXTRA_WEIGHTS = "non_lora_trainables.safetensors"
+ADAPTER = "default"
+"""peft's adapter name; it appears inside state-dict keys (`….lora_A.default.weight`) and not in adapter files."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
 
 ATTENTION_BLOCKS = ("self_attn", "attention", "attn", "self_attention")
 FFN_BLOCKS = ("mlp", "feed_forward", "ffn")
@@ -177,31 +181,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with LoRA deltas folded into the base weights and peft's names removed."""
-    state = model.state_dict()
-    layers = dict(_lora_layers(model))
-    if not layers:
-        return state
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if ".lora_" in key:
-            continue
-        out[key.replace(".base_layer.", ".")] = tensor
-    for name, layer in layers.items():
-        if not layer.merged:
-            weight = out[f"{name}.weight"]
-            out[f"{name}.weight"] = weight + sum(layer.get_delta_weight(a).to(weight.dtype) for a in layer.active_adapters)
-    return out
-
-
 def unload_lora(model: nn.Module) -> None:
     """Merge every LoRA adapter into its base layer and put the plain base layer back (no peft modules left)."""
-    for name, layer in _lora_layers(model):
+    for name, layer in lora_layers(model):
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
@@ -219,13 +201,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
     if config is None:
         raise ValueError("the model has no LoRA adapter (apply_stage_policy with lora_roles first)")
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(path))
-    lora = {}
-    for key, tensor in model.state_dict().items():
-        if ".lora_" in key:
-            lora["base_model.model." + key.replace(f".{ADAPTER}.", ".").replace(f".{ADAPTER}", "")] = tensor.detach().contiguous().cpu()
-    save_file(lora, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    lora = {adapter_key(k): t for k, t in model.state_dict().items() if ".lora_" in k}
+    write_adapter(lora, config, path)
     extra = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
     if extra:
         save_file(extra, str(path / EXTRA_WEIGHTS), metadata={"format": "pt"})
@@ -234,18 +211,94 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
 def load_adapter(model: nn.Module, directory: str | Path) -> None:
     """Inject the saved adapter into `model` (ours, not a PeftModel) and restore the non-LoRA trainables."""
     path = Path(directory)
-    config = LoraConfig.from_pretrained(str(path))
+    config, state = read_adapter(path)
     unload_lora(model)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     model.lora_config = config
-    state = {}
-    for key, tensor in load_file(str(path / "adapter_model.safetensors")).items():
-        key = key.removeprefix("base_model.model.")
-        stem, _, leaf = key.rpartition(".")  # ...q_proj.lora_A.weight -> ...q_proj.lora_A.default.weight
-        state[f"{stem}.{ADAPTER}.{leaf}"] = tensor
     if (path / EXTRA_WEIGHTS).is_file():
         state.update(load_file(str(path / EXTRA_WEIGHTS)))
     missing = [k for k in state if k not in model.state_dict()]
     if missing:
         raise ValueError(f"{path}: adapter weights {missing[:3]} ... do not match this model")
     model.load_state_dict(state, strict=False)
+
+
+# ---- LoRA weights on disk: merged into a consolidated state, or as peft adapter files ----------------------------
+def lora_module_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the modules a state dict holds LoRA pairs for."""
+    return sorted({key.split(".lora_A.")[0] for key in state if ".lora_A." in key})
+
+
+def lora_config_from(options: dict[str, Any], state: dict[str, torch.Tensor]) -> LoraConfig:
+    """peft's LoraConfig for a checkpoint's stage options (r, alpha, dropout) and the modules its state adapts."""
+    return LoraConfig(r=int(options["r"]), lora_alpha=options["alpha"], lora_dropout=options.get("dropout", 0.0),
+                      target_modules=lora_module_names(state), bias="none")
+
+
+def _linears_like(state: dict[str, torch.Tensor], modules: list[str]) -> nn.Module:
+    """An empty module tree with a plain nn.Linear at each of `modules`, shaped as the state's base weights."""
+    root = nn.Module()
+    for name in modules:
+        weight = state[f"{name}.base_layer.weight"]
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        bias = f"{name}.base_layer.bias" in state
+        parent.add_module(leaf, nn.Linear(weight.shape[1], weight.shape[0], bias=bias, device="meta"))
+    return root
+
+
+def merge_lora(state: dict[str, torch.Tensor], config: LoraConfig) -> dict[str, torch.Tensor]:
+    """A consolidated state dict with peft's LoRA layers (`….base_layer.weight`, `….lora_A.default.weight`) folded
+    into plain weights. peft merges: its layers are injected into a tree of the adapted linears alone (no copy of
+    the rest of the model), loaded with the state's tensors and merged with `merge()`."""
+    modules = lora_module_names(state)
+    merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    if not modules:
+        return merged
+    tree = inject_adapter_in_model(config, _linears_like(state, modules), adapter_name=ADAPTER)
+    own = {k: v for k, v in state.items() if k.split(".base_layer.")[0].split(".lora_")[0] in set(modules)}
+    tree.load_state_dict({k: v.float() for k, v in own.items()}, strict=True, assign=True)
+    for name, layer in lora_layers(tree):
+        layer.merge(safe_merge=True)
+        dtype = merged[f"{name}.weight"].dtype
+        merged[f"{name}.weight"] = layer.get_base_layer().weight.detach().to(dtype)
+    return merged
+
+
+def split_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base weights under plain names, LoRA weights under peft's adapter-file names)."""
+    base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    adapter = {adapter_key(k): v for k, v in state.items() if ".lora_" in k}
+    return base, adapter
+
+
+def adapter_key(state_key: str) -> str:
+    """A live LoRA tensor's name as peft's adapter file spells it: the adapter name dropped, peft's prefix added."""
+    return PEFT_PREFIX + state_key.replace(f".{ADAPTER}.", ".").removesuffix(f".{ADAPTER}")
+
+
+def state_key(adapter_key_: str) -> str:
+    """The inverse of `adapter_key`: `base_model.model.….lora_A.weight` → `….lora_A.default.weight`."""
+    stem, _, leaf = adapter_key_.removeprefix(PEFT_PREFIX).rpartition(".")
+    return f"{stem}.{ADAPTER}.{leaf}"
+
+
+def write_adapter(adapter: dict[str, torch.Tensor], config: LoraConfig, out: str | Path) -> None:
+    """peft's adapter format (adapter_config.json + adapter_model.safetensors), loadable by
+    `peft.PeftModel.from_pretrained`; `adapter` is keyed by `adapter_key` names."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(path / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter directory's config and tensors, keyed as a live model's state dict names them."""
+    path = Path(directory)
+    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    return LoraConfig.from_pretrained(str(path)), {state_key(k): v for k, v in tensors.items()}

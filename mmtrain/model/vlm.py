@@ -12,13 +12,10 @@ model turns them into the document mask its attention implementation takes (`mmt
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmtrain.errors import UserError
@@ -28,10 +25,9 @@ from mmtrain.model.connectors import Connector, build_connector, connector_class
 from mmtrain.model.connectors.media import build_media
 from mmtrain.model.generation import generate
 from mmtrain.model.llm import build_llm, llm_class, load_llm
-from mmtrain.model.lora import merged_state_dict
 from mmtrain.model.vision import VisionTower, vision_class
+from mmtrain.model.weights_io import WEIGHTS_NAME, merged_state_dict, read_weights, save_weights
 
-WEIGHTS_NAME = "model.safetensors"
 
 
 def _fit_vocabulary(llm: nn.Module, config: VLMConfig) -> nn.Module:
@@ -184,16 +180,7 @@ class VisionLanguageModel(nn.Module):
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(path)
-        tensors, aliases, seen = {}, {}, {}
-        for name, tensor in merged_state_dict(self).items():
-            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.device.type != "meta" else None
-            if key is not None and key in seen:  # tied weights (e.g. embeddings / lm_head) are stored once
-                aliases[name] = seen[key]
-                continue
-            if key is not None:
-                seen[key] = name
-            tensors[name] = tensor.detach().contiguous().cpu()
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        save_weights(merged_state_dict(self), path / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "VisionLanguageModel":
@@ -209,16 +196,3 @@ def part_classes(config: VLMConfig) -> list[type[nn.Module]]:
     A builder that patches classes while it runs (DeepSpeed's `zero.Init`) must not be the first to import them:
     classes defined inside it come out with the `__init__` they had before their class decorators ran."""
     return [vision_class(config.vision_config), connector_class(config.connector), llm_class(config.text_config)]
-
-
-def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """A model directory's tensors by name, tied weights (stored once, listed as aliases) under every name."""
-    weights = Path(directory) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing weights")
-
-    with safe_open(str(weights), framework="pt") as handle:
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-    state = load_file(str(weights))
-    state.update({alias: state[source] for alias, source in aliases.items()})
-    return state

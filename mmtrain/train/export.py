@@ -14,54 +14,17 @@ from typing import Any
 
 import torch
 import yaml
-from peft import LoraConfig
-from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig
-from mmtrain.model.vlm import WEIGHTS_NAME
+from mmtrain.model.lora import lora_config_from, merge_lora, split_lora, write_adapter
+from mmtrain.model.weights_io import WEIGHTS_NAME, save_weights
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.zero import gathered_state_dict
 
-ADAPTER_NAME = "default"
 LLM_SUBDIR = "llm"
 ADAPTER_SUBDIR = "adapter"
-
-
-def _lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.split(".lora_A.")[0] for k in state if ".lora_A." in k})
-
-
-def merge_lora(state: dict[str, torch.Tensor], r: int, alpha: float) -> dict[str, torch.Tensor]:
-    """Fold every LoRA pair into its base weight: W + (B @ A) · alpha / r; peft's wrapper names removed."""
-    merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
-    for module in _lora_modules(state):
-        a = state[f"{module}.lora_A.{ADAPTER_NAME}.weight"].float()
-        b = state[f"{module}.lora_B.{ADAPTER_NAME}.weight"].float()
-        weight = merged[f"{module}.weight"]
-        merged[f"{module}.weight"] = (weight.float() + (b @ a) * (alpha / r)).to(weight.dtype)
-    return merged
-
-
-def split_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(base weights under plain names, LoRA weights under peft's adapter file names)."""
-    base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
-    adapter = {"base_model.model." + k.replace(f".{ADAPTER_NAME}.", "."): v for k, v in state.items() if ".lora_" in k}
-    return base, adapter
-
-
-def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Tied tensors (same storage) are stored once, the other names listed as aliases, as the model's loader reads."""
-    tensors, aliases, seen = {}, {}, {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = tensor.detach().contiguous().cpu()
-    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
 
 def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path,
@@ -73,7 +36,7 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
     so eval / generate / chat use exactly what training used without being told."""
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    _save_safetensors(state, out / WEIGHTS_NAME)
+    save_weights(state, out / WEIGHTS_NAME)
     llm_dir = out / LLM_SUBDIR
     llm_dir.mkdir(exist_ok=True)
     text = dict(config.text_config)
@@ -81,7 +44,7 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
     llm_state = {k[len("llm."):]: v.contiguous() for k, v in state.items() if k.startswith("llm.")}
     if text.get("tie_word_embeddings"):
         llm_state.pop("lm_head.weight", None)
-    save_file({k: v.clone() for k, v in llm_state.items()}, str(llm_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_weights({k: v.clone() for k, v in llm_state.items()}, llm_dir / WEIGHTS_NAME)
     if template:
         ckpt.write_json_atomic(out / "mmtrain.json", {"template": template})
     if image_config:
@@ -91,15 +54,6 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
             for item in Path(tokenizer_dir).iterdir():
                 if item.is_file():
                     shutil.copy2(item, target / item.name)
-
-
-def write_adapter(adapter: dict[str, torch.Tensor], lora: dict[str, Any], out: Path) -> None:
-    """peft's format: adapter_config.json + adapter_model.safetensors (loadable by PeftModel.from_pretrained)."""
-    modules = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in adapter})
-    LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0), target_modules=modules,
-               bias="none").save_pretrained(str(out))
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
 
 
 def _atomic_dir(out: Path):
@@ -123,7 +77,7 @@ def save_stage_weights(module: torch.nn.Module, out: Path, rank: int, tokenizer_
         return
     lora = getattr(module, "lora_config", None)
     if lora is not None:
-        state = merge_lora(state, lora.r, lora.lora_alpha)
+        state = merge_lora(state, lora)
     tmp = _atomic_dir(out)
     write_model_dir(state, module.config, tmp, tokenizer_dir, template, image_config)
     ckpt.write_json_atomic(tmp / ckpt.COMPLETE, {"weights": WEIGHTS_NAME, "lora_merged": lora is not None})
@@ -155,11 +109,11 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     has_lora = any(".lora_" in k for k in state)
     tmp = _atomic_dir(out)
     if has_lora and merge:
-        write_model_dir(merge_lora(state, lora["r"], lora["alpha"]), config, tmp, tokenizer, **extras)
+        write_model_dir(merge_lora(state, lora_config_from(lora, state)), config, tmp, tokenizer, **extras)
     elif has_lora:
         base, adapter = split_lora(state)
         write_model_dir(base, config, tmp, tokenizer, **extras)
-        write_adapter(adapter, lora, tmp / ADAPTER_SUBDIR)
+        write_adapter(adapter, lora_config_from(lora, state), tmp / ADAPTER_SUBDIR)
     else:
         write_model_dir(state, config, tmp, tokenizer, **extras)
     ckpt.write_json_atomic(tmp / "export.json", {"checkpoint": str(checkpoint), "stage": trainer_state["stage"],

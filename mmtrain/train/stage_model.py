@@ -23,7 +23,7 @@ from mmtrain.model import VisionLanguageModel, VLMConfig, apply_stage_policy, pr
 from mmtrain.model.checkpoint_configs import checkpoint_config
 from mmtrain.model.compile import compile_decoder_blocks
 from mmtrain.model.lora import trainable_parameter_groups
-from mmtrain.model.vlm import WEIGHTS_NAME, read_weights
+from mmtrain.model.weights_io import WEIGHTS_NAME, read_weights
 from mmtrain.train.zero import load_into, partitioned_build
 
 
