@@ -17,6 +17,8 @@ from mmtrain.model.vision import vision_geometry
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "mmtrain_vlm"
+HF_LOADING_KEYS = ("architectures", "auto_map")
+"""Keys an exported config.json adds for transformers' remote-code loading (`mmtrain.model.remote_code`); not fields."""
 
 
 @dataclass
@@ -84,7 +86,7 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k not in HF_LOADING_KEYS}
         model_type = data.pop("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"not an mmtrain VLM config: model_type={model_type!r}, expected {MODEL_TYPE!r}")
