@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig
 from mmtrain.model.lora import lora_config_from, merge_lora, split_lora, write_adapter
+from mmtrain.model.remote_code import write_image_processor, write_remote_code
 from mmtrain.model.weights_io import WEIGHTS_NAME, save_weights
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train.zero import gathered_state_dict
@@ -29,14 +30,17 @@ ADAPTER_SUBDIR = "adapter"
 
 def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path,
                     tokenizer_dir: str | os.PathLike | None, template: str | None = None,
-                    image_config: dict[str, Any] | None = None) -> None:
+                    image_config: dict[str, Any] | None = None, for_transformers: bool = False) -> None:
     """A VisionLanguageModel directory, plus `llm/` that `AutoModelForCausalLM.from_pretrained` loads on its own.
 
+    `for_transformers`: the directory also opens in transformers alone (`write_vlm_for_transformers`).
     `mmtrain.json` (chat template) and `image_processor.json` (the trainer's preprocessing) go beside the weights,
     so eval / generate / chat use exactly what training used without being told."""
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     save_weights(state, out / WEIGHTS_NAME)
+    if for_transformers:
+        write_vlm_for_transformers(state, config, out, image_config)
     llm_dir = out / LLM_SUBDIR
     llm_dir.mkdir(exist_ok=True)
     text = dict(config.text_config)
@@ -54,6 +58,16 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
             for item in Path(tokenizer_dir).iterdir():
                 if item.is_file():
                     shutil.copy2(item, target / item.name)
+
+
+def write_vlm_for_transformers(state: dict[str, torch.Tensor], config: VLMConfig, out: Path,
+                               image_config: dict[str, Any] | None) -> None:
+    """Make a model directory open in transformers without mmtrain: the modeling code travels inside it
+    (`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`) with an image processor of the trainer's
+    settings (`AutoImageProcessor`)."""
+    write_remote_code(out, config)
+    if image_config:
+        write_image_processor(out, image_config)
 
 
 def _atomic_dir(out: Path):
@@ -105,7 +119,7 @@ def export_checkpoint(checkpoint: Path, out: Path, merge: bool = False) -> Path:
     lora = trainer_state.get("lora")
     template = yaml.safe_load((checkpoint / "recipe.yaml").read_text(encoding="utf-8")).get("template")
     image_config = json.loads((checkpoint / "image_processor.json").read_text(encoding="utf-8"))
-    extras = {"template": template, "image_config": image_config}
+    extras = {"template": template, "image_config": image_config, "for_transformers": True}
     has_lora = any(".lora_" in k for k in state)
     tmp = _atomic_dir(out)
     if has_lora and merge:

@@ -85,7 +85,7 @@ def test_stage2_changes_only_lora_and_hands_off_automatically(two_stage_run) -> 
                     "stage1-instruct-step0000004"]
 
 
-def test_export_matches_the_engine_and_loads_in_hf_and_peft(two_stage_run, tmp_path: Path) -> None:
+def test_export_matches_the_engine_and_loads_in_mmtrain_transformers_and_peft(two_stage_run, tmp_path: Path) -> None:
     recipe, run = two_stage_run
     checkpoint = run / "checkpoints" / "stage1-instruct-step0000004"
     dump = tmp_path / "engine.safetensors"
@@ -109,17 +109,20 @@ merged = VisionLanguageModel.from_pretrained({str(tmp_path / 'merged')!r}).eval(
 base = VisionLanguageModel.from_pretrained({str(tmp_path / 'adapter')!r}).eval()
 peft_model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter' / 'adapter')!r}).eval()
 llm = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged' / 'llm')!r}).eval()
+hf = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}, trust_remote_code=True).eval()
 with torch.no_grad():
     a = merged(**inputs).logits
+    d = (hf(**inputs).logits - dump["logits"]).abs().max().item()
     b = peft_model.base_model.model(**inputs).logits
     ids = inputs["input_ids"].clamp(max=llm.config.vocab_size - 1)
     c = (llm(input_ids=ids).logits - merged.llm(input_ids=ids).logits).abs().max().item()
 print((a - dump["logits"]).abs().max().item(), (b - dump["logits"]).abs().max().item(), c,
-      "deepspeed" in sys.modules)
+      "deepspeed" in sys.modules, d, type(hf).__module__.startswith("transformers_modules"))
 """
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()
     merged_err, peft_err, llm_err, deepspeed_loaded = float(out[0]), float(out[1]), float(out[2]), out[3]
     assert merged_err < 1e-5 and peft_err < 1e-5 and llm_err == 0.0
+    assert float(out[4]) < 1e-5 and out[5] == "True"  # transformers alone, the modeling code from the export
     assert deepspeed_loaded == "False"
     adapter_config = json.loads((tmp_path / "adapter" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8
