@@ -40,6 +40,17 @@ def load_llm(path: str | Path) -> PreTrainedModel:
     return model
 
 
+def inputs_embeds_scale(llm: nn.Module) -> float:
+    """The factor the LLM itself multiplies `inputs_embeds` by before its first layer: √hidden for Gemma and
+    Gemma-2 under transformers 4.x, 1 elsewhere (transformers 5 moved that scale into Gemma's embedding module, as
+    Gemma-3 always had it). Tokens spliced among the embeddings are divided by it, so that they reach the first
+    layer as the connector made them, beside the scaled text embeddings, whichever transformers runs."""
+    config = llm.config
+    if config.model_type in ("gemma", "gemma2") and not hasattr(llm.get_input_embeddings(), "embed_scale"):
+        return float(config.hidden_size) ** 0.5
+    return 1.0
+
+
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     """The decoder blocks of any HF causal LM (`model.layers` for LLaMA / Qwen2, `gpt_neox.layers` for GPT-NeoX)."""
     base = getattr(llm, "base_model", llm)

@@ -51,10 +51,12 @@ def tiny_config(connector: str = "abstractor", llm_family: str = "llama", vision
     text: dict[str, Any] = {"model_type": llm_family, "hidden_size": hidden, "intermediate_size": 2 * hidden,
                             "num_hidden_layers": layers, "num_attention_heads": heads, "vocab_size": vocab_size,
                             "max_position_embeddings": 512, "tie_word_embeddings": False}
-    if llm_family in ("llama", "qwen2", "mistral", "gemma"):
-        text["num_key_value_heads"] = max(heads // 2, 1)
     if llm_family == "gpt_neox":
         text.update({"rotary_pct": 1.0, "use_parallel_residual": True})
+    else:  # explicit: some defaults ignore the width (Qwen3: 8 KV heads, head_dim 128; Gemma: head_dim 256)
+        text.update({"num_key_value_heads": max(heads // 2, 1), "head_dim": hidden // heads})
+    if llm_family == "phi3":  # Phi-3's default special-token ids (32000) lie outside a tiny vocabulary
+        text.update({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
     options = dict(TINY_CONNECTOR_OPTIONS[connector])
     options.update(overrides.pop("connector_config", {}))
     return VLMConfig(connector=connector, vision_config=vision, text_config=text, connector_config=options,

@@ -24,7 +24,7 @@ from mmtrain.model.config import VLMConfig
 from mmtrain.model.connectors import Connector, build_connector, connector_class
 from mmtrain.model.connectors.media import build_media
 from mmtrain.model.generation import generate
-from mmtrain.model.llm import build_llm, llm_class, load_llm
+from mmtrain.model.llm import build_llm, inputs_embeds_scale, llm_class, load_llm
 from mmtrain.model.vision import VisionTower, vision_class
 from mmtrain.model.weights_io import WEIGHTS_NAME, merged_state_dict, read_weights, save_weights
 
@@ -115,7 +115,8 @@ class VisionLanguageModel(nn.Module):
         offsets = torch.arange(slots, device=embeds.device)
         rows = image_slots[:, 0].to(embeds.device)[:, None].expand(num_images, slots).reshape(-1)
         cols = (image_slots[:, 1].to(embeds.device)[:, None] + offsets[None]).reshape(-1)
-        return embeds.index_put((rows, cols), tokens.reshape(-1, width).to(embeds.dtype))
+        tokens = tokens.reshape(-1, width) / inputs_embeds_scale(self.llm)  # Gemma on transformers 4.x (llm.py)
+        return embeds.index_put((rows, cols), tokens.to(embeds.dtype))
 
     def prepare_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_slots: torch.Tensor | None = None,
                        past_length: int = 0, reuse_media: bool = False,

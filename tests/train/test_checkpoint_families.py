@@ -1,6 +1,6 @@
 """Stock-layout checkpoints in: a recipe names a connector and two local HF directories (no preset), the model is
-described by their own config.json files, the images by the tower's preprocessor_config.json, and two stages train
-on 2 ranks under ZeRO-3 from the checkpoints' weights."""
+described by their own config.json files, the images by the tower's preprocessor_config.json. Two stages on 2 ranks
+from each family's checkpoints: tests/train/test_families.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, Si
 from mmtrain.config import load_recipe
 from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
-from mmtrain.launching import run_ranks
 from mmtrain.train.stage_model import image_config, model_config
-from train_helpers import metrics, stage, write_recipe
+from train_helpers import stage, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -59,35 +58,6 @@ def test_without_a_preset_the_connector_must_be_named(tmp_path, tiny_data, check
     recipe = load_recipe(recipe_for(tmp_path, tiny_data, checkpoints, connector=None))
     with pytest.raises(UserError, match="^model: name a preset, or a connector with vision_path and llm_path"):
         model_config(recipe, load_tokenizer(recipe.tokenizer))
-
-
-def test_two_stages_train_from_the_checkpoints_weights(tmp_path, tiny_data, checkpoints) -> None:
-    recipe = recipe_for(tmp_path, tiny_data, checkpoints)
-    run = tmp_path / "run"
-    result = run_ranks(2, ["--recipe", str(recipe), "--out", str(run)], log=tmp_path / "train.log", timeout=600)
-    assert result.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
-    qwen = load_file(str(checkpoints["llm"] / "model.safetensors"))
-    siglip = load_file(str(checkpoints["vision"] / "model.safetensors"))
-    align = load_file(str(run / "stages" / "align" / "model.safetensors"))
-    lora = load_file(str(run / "stages" / "lora" / "model.safetensors"))
-    # the frozen LLM is the checkpoint's, biases included, tensor for tensor
-    assert {f"llm.{n}" for n in qwen} == {n for n in align if n.startswith("llm.")}
-    assert all(torch.equal(align[f"llm.{n}"], t) for n, t in qwen.items())
-    assert any(n.endswith("q_proj.bias") for n in qwen)
-    # the tower started from the checkpoint and trained
-    ours = {n.removeprefix("vision.model.").removeprefix("vision_model."): t for n, t in align.items()
-            if n.startswith("vision.")}
-    theirs = {n.removeprefix("vision_model."): t for n, t in siglip.items()}
-    assert ours.keys() == theirs.keys()
-    assert any(not torch.equal(ours[n], theirs[n]) for n in theirs)
-    # stage 2 moved exactly the LoRA-adapted LLM linears (merged), nothing of the tower or the connector
-    moved = {n for n in align if not torch.equal(align[n], lora[n])}
-    assert moved and {n.split(".")[-2] for n in moved} <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"}
-    assert all(n.endswith(".weight") and n.startswith("llm.model.layers.") for n in moved)
-    assert len(moved) == 2 * 7
-    losses = [m["loss"] for m in metrics(run)]
-    assert len(losses) == 5
 
 
 def test_tokens_the_tokenizer_adds_grow_a_pretrained_vocabulary_at_the_mean(tmp_path, tiny_data, checkpoints) -> None:

@@ -7,7 +7,8 @@ the layer's text queries (its own q_proj, no rotary: the prefix has no position)
 The result goes through the layer's o_proj and is added to the self-attention output, scaled by tanh(gate_l), gate_l
 initialised to 0. This is a gated prefix attention (LLaMA-Adapter style) with no tokens added to the text sequence; a
 zero gate gives exactly the bare LLM. Implemented as a forward hook on each layer's self-attention, so the LLM's
-parameter names stay those of its checkpoint.
+parameter names stay those of its checkpoint. A fused qkv_proj (Phi-3) serves as q/k/v_proj, sliced as Phi-3
+slices it.
 
 Image position: the layer-wise connector takes 0 slots in the text; `image_slots[i] = (sample, p)` where p is the
 position of the first token after where `<image>` was written. Tokens at positions >= p see the image (all earlier
@@ -69,6 +70,18 @@ def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
 
+def _projections(attn: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's own projections: text queries of `hidden`, prefix keys and values of `tokens`. A fused
+    `qkv_proj` (Phi-3) is sliced as its family slices it: [q heads; k heads; v heads] along the output."""
+    if not hasattr(attn, "qkv_proj"):
+        return attn.q_proj(hidden), attn.k_proj(tokens), attn.v_proj(tokens)
+    queries = attn.config.num_attention_heads * head_dim
+    kv = getattr(attn.config, "num_key_value_heads", None) or attn.config.num_attention_heads
+    keys, values = attn.qkv_proj(tokens)[..., queries:].split(kv * head_dim, dim=-1)
+    return attn.qkv_proj(hidden)[..., :queries], keys, values
+
+
 @register_connector
 class LayerwiseConnector(Connector):
     """K tokens per image, attended to as a gated prefix by every decoder layer's self-attention."""
@@ -98,8 +111,9 @@ class LayerwiseConnector(Connector):
         for i, layer in enumerate(decoder_layers(llm)):
             attn = self_attention(layer)
             missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, p)]
-            if missing:
-                raise ValueError(f"layerwise adapters need separate q/k/v/o projections; {type(attn).__name__} lacks {missing}")
+            if missing and not (hasattr(attn, "qkv_proj") and hasattr(attn, "o_proj")):
+                raise ValueError(f"layerwise adapters need separate q/k/v/o projections; {type(attn).__name__} lacks "
+                                 f"{missing} (nor has it Phi-3's fused qkv_proj + o_proj)")
             self._handles.append(attn.register_forward_hook(partial(self._post_hook, i), with_kwargs=True))
 
     def detach(self) -> None:
@@ -115,9 +129,7 @@ class LayerwiseConnector(Connector):
         batch, num_media, k, width = media.tokens.shape
         tokens = self.adapters[i](media.tokens.reshape(batch, num_media * k, width).to(hidden.dtype))
         head_dim = int(getattr(attn, "head_dim", attn.config.hidden_size // attn.config.num_attention_heads))
-        q = _split_heads(attn.q_proj(hidden), head_dim)
-        keys = _split_heads(attn.k_proj(tokens), head_dim)
-        values = _split_heads(attn.v_proj(tokens), head_dim)
+        q, keys, values = (_split_heads(x, head_dim) for x in _projections(attn, hidden, tokens, head_dim))
         if hasattr(attn, "q_norm") and hasattr(attn, "k_norm"):  # Qwen3-style per-head norms
             q, keys = attn.q_norm(q.transpose(1, 2)).transpose(1, 2), attn.k_norm(keys.transpose(1, 2)).transpose(1, 2)
         groups = q.shape[1] // keys.shape[1]
