@@ -9,6 +9,7 @@ from itertools import islice
 from pathlib import Path
 
 from mmtrain.commands.manifest_table import print_manifest
+from mmtrain.data.loader.templates import TEMPLATE_NAMES
 from mmtrain.data.shards.instruction_formats import FORMATS
 from mmtrain.data.shards.product_tasks import TASKS
 from mmtrain.errors import UserError
@@ -83,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--render", type=int, default=0,
                          help="print N samples through the chat template, masked (unlearned) parts in [[...]]")
     inspect.add_argument("--tokenizer", help="tokenizer directory for --render")
-    inspect.add_argument("--template", default="owl", help="chat template for --render")
+    inspect.add_argument("--template", default="owl", choices=TEMPLATE_NAMES,
+                         help="template for --render (chat: the tokenizer's own chat_template)")
     inspect.add_argument("--slots", type=int, default=1, help="slots per image for --render")
     inspect.set_defaults(func=run_inspect)
 

@@ -17,10 +17,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 """ImageConfig's default std (mmtrain/data/loader/images.py; equal, tested)."""
 
+TemplateName = Literal["owl", "alpaca", "chat"]
+"""The template names of mmtrain/data/loader/templates.py (TEMPLATE_NAMES; equal, tested)."""
+
 
 @dataclass
 class ModelSpec(Spec):
-    """Which model: a preset, its parts from local directories or a saved model, and config changes."""
+    """Which model: a preset, its parts from local directories, a saved model or a LLaVA, and config changes."""
 
     preset: str | None = None
     """A preset of mmtrain/model/presets.py (tiny, owl-7b, mmgpt-9b, pum-7b, llava-7b); none: the model is `connector`
@@ -38,6 +41,22 @@ class ModelSpec(Spec):
     config: dict[str, Any] = field(default_factory=dict)
     """Fields merged into the preset's VLMConfig (e.g. text_config: {num_hidden_layers: 2}): a free-form HF config
     fragment, so a mapping, not a typed spec; the model config checks it when the model is built."""
+    init_from_hf: str | None = None
+    """A local LlavaForConditionalGeneration directory to start from: the model is its `mlp` twin (its vision and
+    text configs, image token, feature layer; weights mapped by mmtrain/model/llava_layout.py), its
+    preprocessor_config.json the image settings. The whole model: no preset, init, vision_path, llm_path or config
+    beside it, and connector mlp if named."""
+
+    def check(self) -> None:
+        if not self.init_from_hf:
+            return
+        beside = [name for name in ("preset", "init", "vision_path", "llm_path", "config") if getattr(self, name)]
+        if beside:
+            raise FieldError(("init_from_hf",), f"cannot be combined with model.{', model.'.join(beside)}: a LLaVA "
+                             "directory is the whole model (its config.json and its weights)", sep=" ")
+        if self.connector not in (None, "mlp"):
+            raise FieldError(("connector",), f"is {self.connector!r}, but a LLaVA (model.init_from_hf) is the mlp "
+                                             "connector", sep=" ")
 
 
 @dataclass
@@ -120,8 +139,9 @@ class Recipe(Spec):
     """The model."""
     tokenizer: str | None = None
     """The tokenizer directory (HF; <image> is added if missing); training needs one."""
-    template: str = "owl"
-    """The chat template every sample is rendered with (mmtrain/data/loader/templates.py: owl, alpaca, …)."""
+    template: TemplateName = "owl"
+    """The chat template every sample is rendered with (mmtrain/data/loader/templates.py): owl | alpaca | chat (the
+    tokenizer's own jinja chat_template, answers + end-of-turn learned; docs/loader.md#template-chat)."""
     image: ImageSpec = field(default_factory=ImageSpec)
     """Image preprocessing."""
     precision: Precision = "auto"

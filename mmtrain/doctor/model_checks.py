@@ -21,7 +21,8 @@ from mmtrain.doctor.report import Check, row
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig, preset_config
 from mmtrain.model.checkpoint_configs import text_config_from, vision_config_from
-from mmtrain.model.weights_io import WEIGHTS_NAME
+from mmtrain.model.llava_layout import config_from_llava
+from mmtrain.model.weights_io import WEIGHTS_NAME, safetensors_files
 
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
                  "patch_size")
@@ -51,10 +52,18 @@ def check_model_paths(ctx: Context) -> Check:
             problems.append(("WARN", f"model.init is set, so model.{', model.'.join(ignored)} are ignored "
                                      f"(the init directory's config is used)"))
         return row("model paths", problems, f"model.init {spec.init}: config and weights present")
+    if spec.init_from_hf:
+        try:
+            config_from_llava(spec.init_from_hf)
+            safetensors_files(spec.init_from_hf, "LLaVA")
+        except UserError as exc:
+            problems.append(("FAIL", str(exc)))
+        return row("model paths", problems, f"model.init_from_hf {spec.init_from_hf}: a LLaVA mmtrain maps, "
+                                            "weights present")
     if not spec.vision_path and not spec.llm_path:
         if not spec.preset:
             return Check("model paths", "FAIL", "model: name a preset, or a connector with vision_path and llm_path, "
-                                                "or init")
+                                                "or init, or init_from_hf")
         return Check("model paths", "PASS", f"none (preset {spec.preset!r} from scratch)")
     if bool(spec.vision_path) != bool(spec.llm_path):
         missing = "llm_path" if spec.vision_path else "vision_path"

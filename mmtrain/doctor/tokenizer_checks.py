@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmtrain.data.loader.chat_template import ChatTemplate, ChatTemplateError
 from mmtrain.data.loader.image_token import IMAGE_TOKEN, image_token_id
-from mmtrain.data.loader.templates import get_template
+from mmtrain.data.loader.templates import CHAT, get_template
 from mmtrain.doctor.context import Context, Unavailable
 from mmtrain.doctor.report import Check, row
 from mmtrain.errors import UserError
@@ -24,10 +25,18 @@ def _token_id(tok: Any, token: str | None) -> int | None:
     return None if idx is None or (idx == tok.unk_token_id and token != tok.unk_token) else int(idx)
 
 
+CHAT_PROBE = [{"role": "user", "content": f"{IMAGE_TOKEN}\nWhat is this?"},
+              {"role": "assistant", "content": "A shirt."},
+              {"role": "user", "content": "Its colour?"},
+              {"role": "assistant", "content": "Blue."}]
+"""`template: chat` must render this plain two-turn conversation with per-turn masks."""
+
+
 def check_tokenizer(ctx: Context) -> Check:
     """The tokenizer as saved (not as load_tokenizer patches it) has `<image>`, EOS and pad (FAIL) and BOS (WARN);
-    the template exists. Why FAIL rather than let load_tokenizer add them: an added token gets a new id past the
-    saved vocabulary and an untrained embedding, and a pretrained LLM's vocabulary may have no room for it."""
+    the template exists; with `template: chat` the tokenizer has a chat_template that renders `CHAT_PROBE` (FAIL).
+    Why FAIL rather than let load_tokenizer add them: an added token gets a new id past the saved vocabulary and an
+    untrained embedding, and a pretrained LLM's vocabulary may have no room for it."""
     problems: list[tuple[str, str]] = []
     try:
         get_template(ctx.recipe.template)
@@ -38,6 +47,11 @@ def check_tokenizer(ctx: Context) -> Check:
     except Unavailable as exc:
         return row("tokenizer", [*problems, ("FAIL", f"{ctx.recipe.tokenizer}: cannot load: {exc}")], "")
     where = ctx.recipe.tokenizer
+    if ctx.recipe.template == CHAT:
+        try:
+            ChatTemplate(tok).segments(CHAT_PROBE, key="a two-turn probe conversation")
+        except ChatTemplateError as exc:
+            problems.append(("FAIL", f"template chat: {exc}"))
     ids = {"image": _token_id(tok, IMAGE_TOKEN), "eos": tok.eos_token_id, "pad": tok.pad_token_id,
            "bos": tok.bos_token_id}
     if ids["image"] is None:

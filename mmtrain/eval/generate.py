@@ -20,6 +20,7 @@ from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.eval.prompts import Prompt, left_padded, render_prompt, right_padded_with_answers
 from mmtrain.model import VisionLanguageModel
+from mmtrain.model.llava_layout import is_llava_dir, load_llava_dir
 from mmtrain.model.lora import load_adapter
 from mmtrain.model.weights_io import WEIGHTS_NAME
 
@@ -76,8 +77,8 @@ def recorded_template(folder: Path) -> str:
 
 def load_model(model_dir: str | Path, template: str | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> LoadedModel:
-    """A VisionLanguageModel directory (`mmtrain export` output or a trainer `stages/<name>/` folder) with its
-    tokenizer; an unmerged `adapter/` (export without `--merge`) is loaded on top of the base weights."""
+    """A VisionLanguageModel directory (`mmtrain export` output, a LLaVA one included, or a trainer `stages/<name>/`
+    folder) with its tokenizer; an unmerged `adapter/` (export without `--merge`) is loaded on top of the base weights."""
     folder = Path(model_dir)
     if not (folder / "config.json").is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise UserError(f"{folder}: not a model directory (needs config.json and {WEIGHTS_NAME}; "
@@ -89,7 +90,7 @@ def load_model(model_dir: str | Path, template: str | None = None, device: str |
         get_template(template)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    model = VisionLanguageModel.from_pretrained(folder)
+    model = load_llava_dir(folder) if is_llava_dir(folder) else VisionLanguageModel.from_pretrained(folder)
     if (folder / "adapter" / "adapter_config.json").is_file():
         load_adapter(model, folder / "adapter")
     device = torch.device(device) if device is not None else default_device()

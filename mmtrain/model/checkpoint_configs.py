@@ -16,6 +16,9 @@ from mmtrain.model.vision import vision_class, vision_sub_config
 
 META_KEYS = ("architectures", "transformers_version", "_name_or_path", "_commit_hash", "auto_map")
 """Bookkeeping in a saved config.json that describes the file, not the model."""
+STORAGE_KEYS = ("dtype", "torch_dtype")
+"""The dtype a checkpoint was saved in: not part of the model (transformers would build the parts in it, fp16 for many
+hub configs); the trainer chooses the precision."""
 
 
 def _read(path: str | Path, part: str) -> dict[str, Any]:
@@ -26,12 +29,12 @@ def _read(path: str | Path, part: str) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(str(folder)).to_dict()
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"model.{part}_path {folder}/config.json: transformers cannot read it: {exc}") from exc
-    return {k: v for k, v in config.items() if k not in META_KEYS}
+    return {k: v for k, v in config.items() if k not in META_KEYS + STORAGE_KEYS}
 
 
 def vision_config_from(path: str | Path) -> dict[str, Any]:
     """The vision tower's config dict (the vision part of a full CLIP / SigLIP config)."""
-    config = {k: v for k, v in vision_sub_config(_read(path, "vision")).items() if k not in META_KEYS}
+    config = {k: v for k, v in vision_sub_config(_read(path, "vision")).items() if k not in META_KEYS + STORAGE_KEYS}
     try:
         vision_class(config)
     except ValueError as exc:

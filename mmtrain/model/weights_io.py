@@ -15,7 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmtrain.errors import UserError
+
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 # ---- safetensors -------------------------------------------------------------------------------------------------
@@ -46,6 +49,18 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     state = load_file(str(weights))
     state.update({alias: state[source] for alias, source in aliases.items()})
     return state
+
+
+def safetensors_files(folder: str | Path, what: str = "model") -> list[Path]:
+    """A HF directory's safetensors files: `model.safetensors`, or every shard its index names."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    if (folder / WEIGHTS_INDEX).is_file():
+        index = json.loads((folder / WEIGHTS_INDEX).read_text(encoding="utf-8"))
+        return [folder / name for name in sorted(set(index["weight_map"].values()))]
+    raise UserError(f"{folder}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX} (mmtrain reads {what} weights from safetensors; "
+                    "re-save a pytorch_model.bin directory with save_pretrained)")
 
 
 # ---- LoRA merge ----------------------------------------------------------------------------------------------------

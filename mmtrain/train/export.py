@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from mmtrain.errors import UserError
 from mmtrain.model import VLMConfig
+from mmtrain.model.llava_layout import write_llava_dir
 from mmtrain.model.lora import lora_config_from, merge_lora, split_lora, write_adapter
 from mmtrain.model.remote_code import write_image_processor, write_remote_code
 from mmtrain.model.weights_io import WEIGHTS_NAME, save_weights
@@ -39,8 +40,6 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     save_weights(state, out / WEIGHTS_NAME)
-    if for_transformers:
-        write_vlm_for_transformers(state, config, out, image_config)
     llm_dir = out / LLM_SUBDIR
     llm_dir.mkdir(exist_ok=True)
     text = dict(config.text_config)
@@ -58,13 +57,21 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
             for item in Path(tokenizer_dir).iterdir():
                 if item.is_file():
                     shutil.copy2(item, target / item.name)
+    if for_transformers:
+        write_vlm_for_transformers(state, config, out, tokenizer_dir, image_config)
 
 
 def write_vlm_for_transformers(state: dict[str, torch.Tensor], config: VLMConfig, out: Path,
-                               image_config: dict[str, Any] | None) -> None:
-    """Make a model directory open in transformers without mmtrain: the modeling code travels inside it
-    (`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`) with an image processor of the trainer's
+                               tokenizer_dir: str | os.PathLike | None, image_config: dict[str, Any] | None) -> None:
+    """Make a model directory open in transformers without mmtrain. The mlp connector is LLaVA: the directory becomes
+    a LlavaForConditionalGeneration with its processor (config.json and model.safetensors in LLaVA's layout, which
+    mmtrain reads back too). Other connectors keep our layout and carry their modeling code
+    (`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`) and an image processor of the trainer's
     settings (`AutoImageProcessor`)."""
+    if config.connector == "mlp":
+        tokenizer = Path(tokenizer_dir) if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
+        write_llava_dir(state, config, out, tokenizer, image_config)
+        return
     write_remote_code(out, config)
     if image_config:
         write_image_processor(out, image_config)

@@ -22,6 +22,7 @@ from mmtrain.errors import UserError
 from mmtrain.model import VisionLanguageModel, VLMConfig, apply_stage_policy, preset_config
 from mmtrain.model.checkpoint_configs import checkpoint_config
 from mmtrain.model.compile import compile_decoder_blocks
+from mmtrain.model.llava_layout import config_from_llava, state_from_llava
 from mmtrain.model.lora import trainable_parameter_groups
 from mmtrain.model.weights_io import WEIGHTS_NAME, read_weights
 from mmtrain.train.zero import load_into, partitioned_build
@@ -33,6 +34,8 @@ def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
     spec = recipe.model
     if spec.init:
         return VLMConfig.from_pretrained(spec.init)
+    if spec.init_from_hf:
+        return _llava_config(spec.init_from_hf, tokenizer)
 
     if spec.preset:
         config = preset_config(spec.preset, spec.vision_path, spec.llm_path)
@@ -40,7 +43,7 @@ def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
         config = checkpoint_config(spec.connector, spec.vision_path, spec.llm_path)
     else:
         raise UserError("model: name a preset, or a connector with vision_path and llm_path (the checkpoints' own "
-                        "configs), or init (a saved mmtrain model)")
+                        "configs), or init (a saved mmtrain model), or init_from_hf (a LLaVA directory)")
     raw = config.to_dict()
     if spec.connector:
         if spec.connector != config.connector:
@@ -61,17 +64,35 @@ def model_config(recipe: Recipe, tokenizer: Any) -> VLMConfig:
     return VLMConfig.from_dict(raw)
 
 
+def _llava_config(folder: str, tokenizer: Any) -> VLMConfig:
+    """A LLaVA directory's config, refused when the tokenizer disagrees with it: its `<image>` must be the
+    config's image token and its ids must fit the embedding table (the weights fix the vocabulary)."""
+    config = config_from_llava(folder)
+    ours, vocab = image_token_id(tokenizer), int(config.text_config["vocab_size"])
+    if ours != config.image_token_id:
+        raise UserError(f"the tokenizer's <image> is id {ours}, but model.init_from_hf {folder}'s image token is id "
+                        f"{config.image_token_id}: use the LLaVA directory's own tokenizer")
+    if len(tokenizer) > vocab:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens, but model.init_from_hf {folder} has vocab_size "
+                        f"{vocab}: use the LLaVA directory's own tokenizer")
+    return config
+
+
 def image_config(recipe: Recipe, config: VLMConfig) -> ImageConfig:
-    """How pixels reach this model's tower: the recipe's `image` settings, else the tower checkpoint's
-    preprocessor_config.json (mean, std, resize), else CLIP's; the size is the tower's image_size."""
-    processor = processor_settings(config.vision_path) if config.vision_path else {}
+    """How pixels reach this model's tower: the recipe's `image` settings, else the preprocessor settings of the
+    tower checkpoint or of the LLaVA directory (mean, std, resize), else CLIP's; the size is the tower's image_size."""
+    source = config.vision_path or recipe.model.init_from_hf
+    processor = processor_settings(source) if source else {}
     return ImageConfig(**recipe.image.config_fields(config.vision_config.get("image_size", 224), processor))
 
 
 def initial_state(recipe: Recipe, config: VLMConfig) -> dict[str, torch.Tensor]:
-    """Stage 0's starting weights (rank 0 only): a model directory, the preset's pretrained parts, or a seeded init."""
+    """Stage 0's starting weights (rank 0 only): a model directory, a LLaVA directory's weights under our names,
+    the preset's pretrained parts, or a seeded init."""
     if recipe.model.init:
         return _read_weights(Path(recipe.model.init))
+    if recipe.model.init_from_hf:
+        return state_from_llava(recipe.model.init_from_hf, config)
     torch.manual_seed(recipe.seed)
     pretrained = bool(config.vision_path or config.llm_path)
     return VisionLanguageModel.from_config(config, pretrained=pretrained).state_dict()

@@ -43,8 +43,8 @@ def weights_source(ctx: RunContext, index: int) -> str:
     recipe = ctx.recipe
     if index == 0:
         spec = recipe.model
-        if spec.init:
-            return spec.init
+        if spec.init or spec.init_from_hf:
+            return spec.init or spec.init_from_hf
         parts = [p for p in (spec.vision_path, spec.llm_path) if p]
         return " and ".join(parts) if parts else f"the initial {spec.preset} model"
     folder = previous_stage_dir(ctx, index)

@@ -61,13 +61,22 @@ class ImageConfig:
 
 def processor_settings(path: str | os.PathLike) -> dict[str, Any]:
     """size, mean, std (and resize `pad` where the processor pads to a square) from a HF `preprocessor_config.json`
-    (a file, or the directory holding it); {} where there is none."""
+    (a file, or the directory holding it; in a directory without one, the image processor its
+    `processor_config.json` holds, as transformers 5 saves a LLaVA's processor); {} where there is none."""
     p = Path(path)
     if p.is_dir():
+        nested = p / "processor_config.json"
         p = p / "preprocessor_config.json"
+        if not p.is_file() and nested.is_file():
+            cfg = json.loads(nested.read_text()).get("image_processor")
+            return _settings(cfg) if isinstance(cfg, dict) else {}
     if not p.is_file():
         return {}
-    cfg = json.loads(p.read_text())
+    return _settings(json.loads(p.read_text()))
+
+
+def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ImageConfig's fields from one image processor's saved settings."""
     size = cfg.get("crop_size") or cfg.get("size") or ImageConfig.size
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge") or next(iter(size.values()))
