@@ -6,6 +6,7 @@ on 2 ranks under ZeRO-3: stage 1 trains tower + connector beside the frozen LLM,
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from train_helpers import metrics, stage, write_recipe
-from transformers import (AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GemmaConfig,
-                          GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, MistralConfig,
-                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedModel, Qwen2Config,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel,
+                          GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration,
+                          MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedModel, Qwen2Config,
                           Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel)
 
 from mmtrain.config import load_recipe
@@ -52,13 +53,15 @@ class Family:
     connector: str
     adapted: tuple[str, ...] = ATTENTION + FFN
     """The linears of each decoder layer that LoRA roles self_attn + ffn adapt."""
+    template: str = "owl"
+    """`chat`: the run's tokenizer carries CHAT_TEMPLATE and the recipe trains with it."""
 
 
 FAMILIES = {
     "llama3": Family(lambda: LlamaForCausalLM(LlamaConfig(
         vocab_size=256, tie_word_embeddings=True, rope_theta=500000.0, **SIZES,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 128})), "clip", "abstractor"),
+                      "original_max_position_embeddings": 128})), "clip", "abstractor", template="chat"),
     "mistral": Family(lambda: MistralForCausalLM(MistralConfig(vocab_size=512, sliding_window=256, **SIZES)),
                       "siglip", "xattn"),
     "gemma": Family(lambda: GemmaForCausalLM(GemmaConfig(vocab_size=320, head_dim=16, **SIZES)), "clip", "layerwise"),
@@ -68,6 +71,21 @@ FAMILIES = {
                    "siglip", "mlp", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "qwen2": Family(lambda: Qwen2ForCausalLM(Qwen2Config(vocab_size=512, **SIZES)), "siglip", "mlp"),
 }
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ bos_token if loop.first else '' }}"
+                 "{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n"
+                 "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}Assistant: {% endif %}")
+"""A jinja chat template in the tokenizer, as a stock instruct checkpoint ships one: turns end with EOS."""
+
+
+def with_chat_template(tokenizer: Path, out: Path) -> Path:
+    """A copy of the test tokenizer that carries CHAT_TEMPLATE."""
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+    return out
 
 
 def save_tower(kind: str, out: Path) -> None:
@@ -107,13 +125,15 @@ def family(request, tmp_path_factory, towers) -> tuple[str, Family, Path, Path]:
 
 def recipe_for(tmp_path: Path, tiny_data: dict[str, Path], family: tuple[str, Family, Path, Path]) -> Path:
     _, spec, llm, tower = family
+    if spec.template == "chat":
+        tiny_data = {**tiny_data, "tokenizer": with_chat_template(tiny_data["tokenizer"], tmp_path / "chat-tokenizer")}
     return write_recipe(tmp_path / "recipe.yaml", tiny_data, [
         stage("align", tiny_data, train={"vision": True, "connector": True, "llm": "frozen"}, steps=3,
               optimizer={"lr": 1e-3}),
         stage("lora", tiny_data, train={"vision": False, "connector": False, "llm": "lora"},
               lora={"roles": ["self_attn", "ffn"], "r": 4, "alpha": 8}, steps=2, optimizer={"lr": 1e-3}),
     ], model={"connector": spec.connector, "vision_path": str(tower), "llm_path": str(llm),
-              "config": {"connector_config": TINY_CONNECTORS[spec.connector]}})
+              "config": {"connector_config": TINY_CONNECTORS[spec.connector]}}, template=spec.template)
 
 
 def assert_llm_is_the_checkpoints(state: dict[str, torch.Tensor], llm: Path, tied: bool) -> None:
@@ -238,3 +258,6 @@ def assert_export_opens_in_transformers(run: Path, out: Path, spec: Family) -> N
         reloaded = VisionLanguageModel.from_pretrained(out).eval()
     assert torch.allclose(logits, expected, atol=1e-4), (logits - expected).abs().max()
     assert torch.allclose(reloaded(**batch).logits, expected, atol=1e-5)
+    assert json.loads((out / "mmtrain.json").read_text())["template"] == spec.template
+    if spec.template == "chat":  # the tokenizer travels with its chat template
+        assert AutoTokenizer.from_pretrained(str(out)).chat_template == CHAT_TEMPLATE
