@@ -13,9 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
+from mmtrain.data.loader.chat_template import ChatTemplate
 from mmtrain.data.loader.images import ImageConfig, decode_image, normalize_batch, resize_image, to_uint8
-from mmtrain.data.loader.templates import Renderer
-from mmtrain.data.loader.templates import get_template
+from mmtrain.data.loader.templates import CHAT, Renderer, get_template
 from mmtrain.data.loader.tokenizer import load_tokenizer
 from mmtrain.errors import UserError
 from mmtrain.eval.prompts import Prompt, left_padded, render_prompt, right_padded_with_answers
@@ -101,6 +101,15 @@ def load_model(model_dir: str | Path, template: str | None = None, device: str |
     return LoadedModel(model, tokenizer, image_config_for(folder, model.config.vision_config), template, device)
 
 
+def stop_ids(tokenizer: Any, template: str) -> list[int]:
+    """Where an answer ends: EOS, and for `template: chat` the special tokens that close an assistant turn in the
+    tokenizer's chat template (an instruct model ends its turn with `<|im_end|>` / `<|eot_id|>`, not always EOS)."""
+    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    if template == CHAT:
+        ids += [i for i in ChatTemplate(tokenizer).end_of_turn_ids() if i not in ids]
+    return ids
+
+
 class Generator:
     """Batched generation and reference-answer loss for one loaded model."""
 
@@ -111,6 +120,7 @@ class Generator:
         self.render = loaded.renderer()
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        self.stop_ids = stop_ids(self.tokenizer, loaded.template)
 
     def prompt(self, conversation: Sequence[dict], images: Sequence[bytes] = (), reference: str | None = None,
                key: str | None = None) -> Prompt:
@@ -132,7 +142,6 @@ class Generator:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
-        eos = self.tokenizer.eos_token_id
         for first in range(0, len(order), batch_size):
             rows = order[first:first + batch_size]
             chunk = [prompts[i] for i in rows]
@@ -142,18 +151,18 @@ class Generator:
                                          pixel_values=self._pixels(chunk, blank_images),
                                          image_slots=batch.image_slots.to(dev), max_new_tokens=max_new_tokens,
                                          do_sample=temperature > 0, temperature=temperature or 1.0, top_k=top_k,
-                                         top_p=top_p, eos_token_id=eos, pad_token_id=self.pad_id,
+                                         top_p=top_p, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                                          generator=generator)
             for i, row in zip(rows, tokens.tolist()):
                 out[i] = self.decode(row)
         return out
 
     def decode(self, tokens: Sequence[int]) -> str:
-        """New tokens → text, cut at the first EOS."""
-        eos = self.tokenizer.eos_token_id
+        """New tokens → text, cut at the first stop token (EOS, or the chat template's end of turn)."""
         tokens = list(tokens)
-        if eos in tokens:
-            tokens = tokens[:tokens.index(eos)]
+        stop = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+        if stop is not None:
+            tokens = tokens[:stop]
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     @torch.no_grad()

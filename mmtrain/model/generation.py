@@ -7,7 +7,7 @@ included, which is the reference the cached path must match.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -30,15 +30,19 @@ def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
              image_slots: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True,
+             top_k: int = 0, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+             use_cache: bool = True,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Returns [B, max_new_tokens] new tokens (pad after eos). Batched prompts must be left-padded."""
+    """Returns [B, max_new_tokens] new tokens (pad after eos). Batched prompts must be left-padded. `eos_token_id`
+    may list several stop tokens (EOS and a chat template's end of turn)."""
     was_training = model.training
     model.eval()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     ids, mask = input_ids, attention_mask.long()
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    stops = None if eos_token_id is None else torch.tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=ids.device)
     out, past = [], None
     try:
         for step in range(max_new_tokens):
@@ -54,8 +58,8 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             out.append(token)
             was_finished = finished.clone()
-            if eos_token_id is not None:
-                finished = finished | (token == eos_token_id)
+            if stops is not None:
+                finished = finished | torch.isin(token, stops)
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, (~was_finished).long()[:, None]], dim=1)
             if bool(finished.all()):

@@ -20,7 +20,7 @@ from transformers import AddedToken, PreTrainedTokenizerFast
 from mmtrain.cli import main
 from mmtrain.config import load_recipe
 from mmtrain.config.recipe import TemplateName
-from mmtrain.data.loader.chat_template import ChatTemplateError
+from mmtrain.data.loader.chat_template import ChatTemplate, ChatTemplateError
 from mmtrain.data.loader.image_token import IMAGE_TOKEN, image_token_id
 from mmtrain.data.loader.templates import (IGNORE_INDEX, TEMPLATE_NAMES, Renderer, SampleDropped, get_template,
                                            render_masked)
@@ -366,3 +366,16 @@ def test_doctor_tokenizer_row_fails_without_a_chat_template(tok, tmp_path):
     assert row("none", "owl").status == "PASS"
     assert row("llama3").status == "PASS" and "template 'chat'" in row("llama3").detail
     assert row("mistral").status == "PASS"  # prefix-stable without a system turn (the probe has none)
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "gemma", "mistral"])
+def test_generation_stops_at_the_templates_end_of_turn(tok, family):
+    """An instruct model closes its turn with the template's marker, which is not always EOS: generation stops at
+    either, and at nothing else."""
+    from mmtrain.eval.generate import stop_ids
+
+    t = tok[family]
+    marker = t.convert_tokens_to_ids(END_OF_TURN[family])
+    assert ChatTemplate(t).end_of_turn_ids() == [marker]
+    assert stop_ids(t, "chat") == list(dict.fromkeys([t.eos_token_id, marker]))
+    assert stop_ids(t, "owl") == [t.eos_token_id]

@@ -44,6 +44,11 @@ def test_generation_stops_and_pads_after_eos():
     out = model.generate(ids, attention_mask=mask, pixel_values=pixels, image_slots=slots, max_new_tokens=4,
                          eos_token_id=eos, pad_token_id=0)
     assert out[0, 1] == eos and bool((out[0, 2:] == 0).all())
+    # several stop tokens (EOS and a chat template's end of turn): the first one met stops the row
+    never = int(model.config.text_config["vocab_size"]) - 2
+    listed = model.generate(ids, attention_mask=mask, pixel_values=pixels, image_slots=slots, max_new_tokens=4,
+                            eos_token_id=[never, eos], pad_token_id=0)
+    assert torch.equal(listed, out)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():

@@ -53,6 +53,9 @@ def tokenizer_name(tokenizer: Any) -> str:
     return f"tokenizer {getattr(tokenizer, 'name_or_path', '') or '(in memory)'}"
 
 
+END_OF_TURN_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+
+
 class ChatTemplate:
     """Renders a conversation with the tokenizer's `chat_template` into ids and learned token spans (see the module
     docstring); `image_id` is needed by `encode` only (`segments` checks a template without tokenizing)."""
@@ -113,6 +116,16 @@ class ChatTemplate:
         # no learned token is an image token (assistant turns hold no marks): shift by the images before each span
         shifted = [(a + widen * bisect_left(images, a), b + widen * bisect_left(images, a)) for a, b in spans]
         return ids, starts, shifted
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The special tokens that close an assistant turn in this template (`<|im_end|>`, `<|eot_id|>`,
+        `<end_of_turn>`, …), or its one-token marker: where generation stops, besides EOS; empty when neither."""
+        close = self.segments(END_OF_TURN_PROBE, key="an end-of-turn probe")[3][0]
+        found = self._special_run.search(close) if self._special_run is not None else None
+        if found:
+            return self._tokenize(found.group(0))[0]
+        marker = self._tokenize(close.strip())[0] if close.strip() else []
+        return marker if len(marker) == 1 else []  # a one-token marker the tokenizer does not flag special
 
     def segments(self, conversation: Sequence[dict], key: str | None = None) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, learned) segments, in order; joined they are the whole rendering."""
