@@ -103,7 +103,10 @@ def check_sequence_length(ctx: Context) -> Check:
                     lengths.append(len(renderer.render(turns)))
                 except (SampleDropped, ValueError, KeyError, TypeError):
                     pass  # the loader drops and counts these; not a length question
-        need = needed_length(renderer, images)
+        try:
+            need = needed_length(renderer, images)
+        except (SampleDropped, ValueError) as exc:  # a chat template that refuses the probe: the tokenizer row says why
+            return Check("sequence length", "WARN", f"not checked: the template cannot render a probe sample ({exc})")
         if need > stage.max_length:
             too_short.setdefault((need, images, stage.max_length), []).append(stage_label(stage))
         over = [n for n in lengths if n > stage.max_length]

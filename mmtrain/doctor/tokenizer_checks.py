@@ -88,7 +88,8 @@ def check_vocabulary(ctx: Context) -> Check:
         return Check("vocabulary", "FAIL", f"{exc}")
     vocab = int(config.text_config.get("vocab_size", 0))
     problems: list[tuple[str, str]] = []
-    source = f"model.init {spec.init}" if spec.init else f"model.llm_path {spec.llm_path}" if spec.llm_path else None
+    source = (f"model.init {spec.init}" if spec.init else f"model.init_from_hf {spec.init_from_hf}"
+              if spec.init_from_hf else f"model.llm_path {spec.llm_path}" if spec.llm_path else None)
     if spec.init and len(tok) > vocab:
         problems.append(("FAIL", f"tokenizer has {len(tok)} tokens but {source} has vocab_size {vocab}: use the "
                                  f"tokenizer saved with that model"))
