@@ -126,7 +126,11 @@ class VisionTower(nn.Module):
         raise ValueError(f"cannot find the encoder blocks of {type(self.model).__name__}")
 
     def unused_parameter_names(self) -> list[str]:
-        return [n for n, _ in self.named_parameters() if UNUSED.search(n)]
+        """Parameters the selected features never pass through: pooling heads and final norms, and the encoder
+        blocks after `select_layer` (-2, LLaVA's choice, leaves the last block out): a trainable tower freezes them."""
+        blocks = self.encoder_layers()
+        skipped = {id(p) for block in blocks[len(blocks) + self.select_layer + 1:] for p in block.parameters()}
+        return [n for n, p in self.named_parameters() if UNUSED.search(n) or id(p) in skipped]
 
     def dummy_pixels(self, device: torch.device) -> torch.Tensor:
         """One black image: text-only batches still run the vision graph (ZeRO-3 gathers stay in step)."""

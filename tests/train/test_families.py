@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import metrics, stage, write_recipe
 from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel,
-                          GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration,
-                          MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedModel, Qwen2Config,
-                          Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel)
+                          GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig,
+                          SiglipVisionModel)
 
 from mmtrain.config import load_recipe
 from mmtrain.data.loader.tokenizer import load_tokenizer
@@ -109,8 +110,8 @@ def towers(tmp_path_factory) -> dict[str, Path]:
 
 
 TRAINED = ("gemma", "llama3", "mistral", "phi3")
-"""The families trained on 2 ranks (about 20 s each): every connector once, a non-Llama family for three of them.
-Qwen2 is checked in one process (its biases load, stage 2's build computes its logits): CI's 15-minute budget."""
+"""The families trained on 2 ranks (about 12 s each): every connector once, a non-Llama family for three of them.
+Qwen2 trains on 2 ranks inside a LLaVA (`test_an_existing_llava_trains_two_stages_and_exports_as_llava`)."""
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +262,47 @@ def assert_export_opens_in_transformers(run: Path, out: Path, spec: Family) -> N
     assert json.loads((out / "mmtrain.json").read_text())["template"] == spec.template
     if spec.template == "chat":  # the tokenizer travels with its chat template
         assert AutoTokenizer.from_pretrained(str(out)).chat_template == CHAT_TEMPLATE
+
+
+def save_llava(out: Path, tokenizer: Path) -> Path:
+    """A tiny LlavaForConditionalGeneration of a Qwen2 (biases) and a SigLIP tower, saved by transformers, with the
+    run's tokenizer (its `<image>` is the LLaVA's image token) and an image processor."""
+    image_token = load_tokenizer(tokenizer).convert_tokens_to_ids("<image>")
+    text = {"model_type": "qwen2", "vocab_size": 448, **SIZES}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    torch.manual_seed(2)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                              vision_feature_layer=-2, vision_feature_select_strategy="full")
+                                  ).save_pretrained(out)
+    load_tokenizer(tokenizer).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def test_an_existing_llava_trains_two_stages_and_exports_as_llava(tmp_path, tiny_data) -> None:
+    """`model: {init_from_hf: LLAVA}`: stage 1 starts from the LLaVA's own weights (the frozen Qwen2 stays them,
+    biases included), stage 2's LoRA moves exactly the adapted linears, and the export is a LLaVA again whose logits
+    are the trained model's."""
+    llava = save_llava(tmp_path / "llava", tiny_data["tokenizer"])
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data, [
+        stage("align", tiny_data, train={"vision": True, "connector": True, "llm": "frozen"}, steps=3,
+              optimizer={"lr": 1e-3}),
+        stage("lora", tiny_data, train={"vision": False, "connector": False, "llm": "lora"},
+              lora={"roles": ["self_attn", "ffn"], "r": 4, "alpha": 8}, steps=2, optimizer={"lr": 1e-3}),
+    ], model={"init_from_hf": str(llava)})
+    run = tmp_path / "run"
+    result = run_ranks(2, ["--recipe", str(recipe), "--out", str(run)], log=tmp_path / "train.log", timeout=600)
+    assert result.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
+    model = load_llava_dir(llava)
+    start, unused = model.state_dict(), {f"vision.{n}" for n in model.vision.unused_parameter_names()}
+    align, lora = read_weights(run / "stages" / "align"), read_weights(run / "stages" / "lora")
+    assert align.keys() == start.keys() == lora.keys()
+    llm = [n for n in start if n.startswith("llm.")]
+    assert any(n.endswith("q_proj.bias") for n in llm)
+    assert all(torch.equal(align[n], start[n]) for n in llm)
+    assert {n for n in align if not torch.equal(align[n], start[n])} == \
+        {n for n in align if n.startswith(("connector.", "vision.")) and n not in unused}
+    moved = {n for n in align if not torch.equal(align[n], lora[n])}
+    assert moved == {f"{n}.weight" for n in adapted_names(FAMILIES["qwen2"], 2)}
+    assert_export_opens_in_transformers(run, tmp_path / "export", FAMILIES["qwen2"])

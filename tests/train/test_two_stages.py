@@ -34,7 +34,8 @@ def two_stage_run(tmp_path_factory, tiny_data) -> tuple[Path, Path]:
               data=[{"shards": str(tiny_data["mm"]), "weight": 0.7}, {"shards": str(tiny_data["text"]), "weight": 0.3}]),
     ])
     run = root / "run"
-    result = run_ranks(2, ["--recipe", str(recipe), "--out", str(run)], log=root / "train.log", timeout=600)
+    result = run_ranks(2, ["--recipe", str(recipe), "--out", str(run)], log=root / "train.log", timeout=600,
+                       launcher="deepspeed")  # the launcher users run (launch/train.sh); others use torchrun
     assert result.returncode == 0, (root / "train.log").read_text()[-3000:]
     return recipe, run
 
