@@ -234,3 +234,20 @@ def test_image_processor_reads_back_as_the_trainers_settings(tmp_path, resize):
     write_image_processor(tmp_path, {**IMAGE_CONFIG, "resize": resize})
     expected = {"size": 32, "mean": tuple(CLIP_MEAN), "std": tuple(CLIP_STD)}
     assert processor_settings(tmp_path) == ({**expected, "resize": "pad"} if resize == "pad" else expected)
+
+
+def test_mmtrain_reads_an_exports_tokenizer_without_asking_to_run_its_code(exported):
+    """An export names its modeling code in config.json. mmtrain's tokenizer loader (eval, generate, chat) never runs
+    it, so transformers never stops to ask on the terminal (it does when trust_remote_code is left unset): a fresh
+    process with an open, silent stdin reads the tokenizer at once."""
+    _, _, mine = exported
+    script = ("import sys; from mmtrain.data.loader.tokenizer import load_tokenizer; "
+              f"print(load_tokenizer(sys.argv[1])({TEXT!r}).input_ids)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(mine["tmp"] / "xattn")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)  # stdin stays open: a prompt would wait for an answer
+    finally:
+        proc.kill()
+    assert "custom code" not in out, out
+    assert out.strip().splitlines()[-1] == str(AutoTokenizer.from_pretrained(mine["tokenizer"])(TEXT).input_ids)

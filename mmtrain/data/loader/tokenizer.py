@@ -25,8 +25,10 @@ SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Load any HF tokenizer directory and make sure it has the image placeholder and a pad token."""
-    tok = AutoTokenizer.from_pretrained(str(path))
+    """Load any HF tokenizer directory and make sure it has the image placeholder and a pad token. Remote code is
+    never run (an exported model directory names its modeling code in config.json; the tokenizer needs none, and
+    transformers would otherwise stop to ask)."""
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     ensure_special_tokens(tok)
     return tok
 
