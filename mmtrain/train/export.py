@@ -38,8 +38,9 @@ def write_model_dir(state: dict[str, torch.Tensor], config: VLMConfig, out: Path
     `mmtrain.json` (chat template) and `image_processor.json` (the trainer's preprocessing) go beside the weights,
     so eval / generate / chat use exactly what training used without being told."""
     out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    save_weights(state, out / WEIGHTS_NAME)
+    if not (for_transformers and config.connector == "mlp"):  # a LLaVA export writes its own config and weights
+        config.save_pretrained(out)
+        save_weights(state, out / WEIGHTS_NAME)
     llm_dir = out / LLM_SUBDIR
     llm_dir.mkdir(exist_ok=True)
     text = dict(config.text_config)
