@@ -4,6 +4,7 @@ A model that does not beat it has learned the answer distribution, not the produ
 caption → one answer for all; category → per phrasing type (path / leaf); attribute_qa → per attribute;
 freeform → per question template; attributes → per key, the most frequent value of every key that at least half of
 the training answers have, in the training answers' most frequent key order. Ties go to the answer seen first.
+It is scored by the model's scorers, with the same synonyms (`shard_synonyms`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, Iterable, Sequence
 
 from mmtrain.data.loader.split_records import iter_shard_samples
 from mmtrain.data.shards.product_tasks import TASKS
+from mmtrain.data.shards.writer import read_manifest
+from mmtrain.eval.metrics import Synonyms
 from mmtrain.eval.scoring import attribute_name, category_kind, freeform_question, score_items
 
 
@@ -87,6 +90,13 @@ def read_items(shards_dir: str | Path, split: str, tasks: Sequence[str] | None =
     return items
 
 
+def shard_synonyms(shards_dir: str | Path) -> Synonyms:
+    """The attribute-value synonyms of the catalog spec the shards were built from (the manifest's `source.spec`);
+    none for shards built without a spec (instruction files, hand-built sets)."""
+    source = read_manifest(shards_dir).get("source") or {}
+    return Synonyms.from_spec(source.get("spec"))
+
+
 def majority_baseline(shards_dir: str | Path, split: str = "val", tasks: Sequence[str] | None = None,
                       limit: int | None = None, train_split: str = "train",
                       predictions: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
@@ -99,4 +109,4 @@ def majority_baseline(shards_dir: str | Path, split: str = "val", tasks: Sequenc
         item["prediction"] = baseline.answer(item)
     if predictions is not None:
         predictions.extend(items)
-    return score_items(items, tasks)
+    return score_items(items, tasks, shard_synonyms(shards_dir))

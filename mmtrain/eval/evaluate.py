@@ -16,7 +16,7 @@ from tqdm import tqdm
 from mmtrain.data.loader.split_records import iter_shard_samples
 from mmtrain.data.shards.product_tasks import TASKS
 from mmtrain.errors import UserError
-from mmtrain.eval.baseline import sample_item
+from mmtrain.eval.baseline import sample_item, shard_synonyms
 from mmtrain.eval.generate import Generator, LoadedModel, load_model, mean_loss
 from mmtrain.eval.scoring import score_items
 
@@ -76,7 +76,7 @@ def evaluate(model_dir: str | Path | LoadedModel, shards_dir: str | Path, split:
         item["prediction"] = answer
         if with_loss:
             item["loss"] = total / count if count else None
-    metrics = score_items(items, tasks)
+    metrics = score_items(items, tasks, shard_synonyms(shards_dir))
     if with_loss:
         per_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
         for item, pair in zip(items, nll):
@@ -101,13 +101,22 @@ def write_results(out: str | Path, results: dict[str, Any], predictions: Sequenc
 
 
 def flat_metrics(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """{"task metric": value}, per-key / per-attribute dicts spelled out ("attributes colour acc")."""
+    """{"task metric": value} with nested scores spelled out: "attributes micro f1", "attributes colour f1" (a
+    `per_attribute` row of P / R / F1 / support), "attribute_qa colour acc" and "attribute_qa colour n" (a
+    per-attribute accuracy and its question count)."""
     flat: dict[str, Any] = {}
     for task, values in metrics.items():
         for name, value in values.items():
-            if isinstance(value, dict):
-                for sub, v in value.items():
-                    flat[f"{task} {sub} acc"] = v
+            if name == "per_attribute":
+                for attribute, scores in value.items():
+                    if isinstance(scores, dict):
+                        flat.update({f"{task} {attribute} {k}": v for k, v in scores.items()})
+                    else:
+                        flat[f"{task} {attribute} acc"] = scores
+            elif name == "per_attribute_n":
+                flat.update({f"{task} {attribute} n": n for attribute, n in value.items()})
+            elif isinstance(value, dict):
+                flat.update({f"{task} {name} {k}": v for k, v in value.items()})
             else:
                 flat[f"{task} {name}"] = value
     return flat
@@ -123,8 +132,8 @@ def _cell(value: Any) -> str:
 
 def format_table(model_metrics: dict[str, dict[str, Any]], baseline: dict[str, dict[str, Any]] | None = None,
                  blank: dict[str, dict[str, Any]] | None = None) -> str:
-    """A plain-text table: one row per task metric, columns model | blank images | majority baseline (the last two
-    only when given)."""
+    """A plain-text table: one row per task metric (attribute extraction: micro and macro P / R / F1, then P / R / F1
+    / support of every attribute), columns model | blank images | majority baseline (the last two only when given)."""
     columns = [("model", flat_metrics(model_metrics))]
     if blank is not None:
         columns.append(("blank images", flat_metrics(blank)))
@@ -132,8 +141,9 @@ def format_table(model_metrics: dict[str, dict[str, Any]], baseline: dict[str, d
         columns.append(("majority", flat_metrics(baseline)))
     names = list(dict.fromkeys(name for _, flat in columns for name in flat))
     width = max([len(n) for n in names] + [6])
-    lines = [f"{'metric':<{width}}" + "".join(f"  {title:>12}" for title, _ in columns)]
+    cell = max([12] + [len(_cell(v)) for _, flat in columns for v in flat.values()])
+    lines = [f"{'metric':<{width}}" + "".join(f"  {title:>{cell}}" for title, _ in columns)]
     lines.append("-" * len(lines[0]))
     for name in names:
-        lines.append(f"{name:<{width}}" + "".join(f"  {_cell(flat.get(name)):>12}" for _, flat in columns))
+        lines.append(f"{name:<{width}}" + "".join(f"  {_cell(flat.get(name)):>{cell}}" for _, flat in columns))
     return "\n".join(lines)

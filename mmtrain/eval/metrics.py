@@ -1,29 +1,30 @@
-"""String metrics written here (no new dependency): normalization, exact match, corpus BLEU-4, ROUGE-L, token F1.
+"""String metrics: normalization, exact match, corpus BLEU (sacrebleu), ROUGE-L (rouge-score), token F1, attribute
+values compared up to case, spacing, trailing punctuation and the catalog's synonyms.
 
-Choices, so the numbers can be compared with other tools:
-- **BLEU-4** (`corpus_bleu`): Papineni et al. 2002 at corpus level (clipped n-gram counts and lengths summed over the
-  corpus, one reference per candidate, uniform weights 1/4, brevity penalty `exp(1 - r/c)` when `c < r`), with
-  **add-one smoothing on orders 2-4** (Lin & Och 2004; NLTK's `SmoothingFunction().method2`): `p_n = (m_n + 1) /
-  (c_n + 1)` for n >= 2, unigram precision unsmoothed. So a short corpus without any 4-gram match scores above 0.
-  Tokens: lower-cased words and single punctuation marks (`\\w+|[^\\w\\s]`).
-- **ROUGE-L** (`rouge_l`): longest common subsequence F-measure with beta = 1 (as Google's `rouge_score`), per sample,
-  averaged over samples. Tokens: lower-cased runs of `[a-z0-9]` (rouge_score's default tokenizer).
+Settings, so the numbers can be reproduced with the libraries themselves (docs/eval.md):
+- **BLEU** (`corpus_bleu`): sacrebleu's corpus BLEU with every default — 13a tokenizer, case kept, exp smoothing, one
+  reference per candidate, signature `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp` — divided by 100, so it is on the
+  0–1 scale of every other number in the report.
+- **ROUGE-L** (`rouge_l`): rouge-score's `RougeScorer(["rougeL"], use_stemmer=False)` F-measure of one pair (its own
+  tokenizer: lower-cased `[a-z0-9]` runs); the task score is the mean over samples.
 - **token F1** (`token_f1`): SQuAD v1.1 — lower-case, drop punctuation and the articles a/an/the, split on
   whitespace, F1 of the bag-of-tokens overlap; both empty = 1, one empty = 0.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 import string
 from collections import Counter
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-_BLEU_TOKEN = re.compile(r"\w+|[^\w\s]")
-_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+from sacrebleu.metrics import BLEU
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
+_TRAILING = ".,;:!? "
+ROUGE_STEMMER = False
 
 
 def normalize(text: str) -> str:
@@ -32,67 +33,36 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(". ").strip()
 
 
+def normalize_value(text: str) -> str:
+    """An attribute value as compared: lower-cased, whitespace collapsed, trailing `.,;:!?` dropped
+    ("Navy  Blue!" == "navy blue")."""
+    return " ".join(text.lower().split()).rstrip(_TRAILING)
+
+
 def exact_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
 
 
-def bleu_tokens(text: str) -> list[str]:
-    return _BLEU_TOKEN.findall(text.lower())
-
-
-def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def corpus_bleu(candidates: Sequence[str], references: Sequence[str], max_n: int = 4) -> float:
-    """Corpus BLEU-`max_n` with add-one smoothing for orders >= 2 (see the module docstring). Empty corpus → 0."""
+def corpus_bleu(candidates: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu corpus BLEU with its defaults (see the module docstring), on a 0–1 scale. Empty corpus → 0."""
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
-    matches, totals = [0] * max_n, [0] * max_n
-    cand_len = ref_len = 0
-    for cand, ref in zip(candidates, references):
-        c, r = bleu_tokens(cand), bleu_tokens(ref)
-        cand_len, ref_len = cand_len + len(c), ref_len + len(r)
-        for n in range(1, max_n + 1):
-            cn, rn = _ngrams(c, n), _ngrams(r, n)
-            matches[n - 1] += sum(min(count, rn[g]) for g, count in cn.items())
-            totals[n - 1] += sum(cn.values())
-    if cand_len == 0 or matches[0] == 0:
+    if not candidates:
         return 0.0
-    log_p = math.log(matches[0] / totals[0])
-    for n in range(1, max_n):
-        log_p += math.log((matches[n] + 1) / (totals[n] + 1))
-    brevity = 1.0 if cand_len >= ref_len else math.exp(1.0 - ref_len / cand_len)
-    return brevity * math.exp(log_p / max_n)
+    return BLEU().corpus_score(list(candidates), [list(references)]).score / 100
 
 
-def rouge_tokens(text: str) -> list[str]:
-    return _ROUGE_TOKEN.findall(text.lower())
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    # lazy: rouge_score imports nltk (~2 s), which only caption scoring needs
+    from rouge_score.rouge_scorer import RougeScorer
 
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (dynamic programming, one row at a time)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+    return RougeScorer(["rougeL"], use_stemmer=ROUGE_STEMMER)
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 (beta = 1) of one pair; both empty → 1, one empty → 0."""
-    c, r = rouge_tokens(candidate), rouge_tokens(reference)
-    if not c and not r:
-        return 1.0
-    lcs = lcs_length(c, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(c), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """rouge-score's ROUGE-L F-measure of one pair (no stemming); an empty side scores 0, as in the library."""
+    return _rouge_scorer().score(reference, candidate)["rougeL"].fmeasure
 
 
 def squad_tokens(text: str) -> list[str]:
@@ -118,15 +88,55 @@ def category_parts(text: str) -> list[str]:
 
 
 def parse_attributes(text: str) -> dict[str, str]:
-    """`key: value` lines → {normalized key: normalized value}; lines without a colon are ignored, the first value
-    of a repeated key wins (a model that repeats a key gets no second chance)."""
+    """`key: value` lines → {normalized key: normalized value (`normalize_value`)}; lines without a colon are ignored,
+    the first value of a repeated key wins (a model that repeats a key gets no second chance)."""
     pairs: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
-        key, value = normalize(key), normalize(value)
+        key = normalize(key)
         if sep and key and key not in pairs:
-            pairs[key] = value
+            pairs[key] = normalize_value(value)
     return pairs
+
+
+class Synonyms:
+    """Values that count as the same answer, per attribute: each member of an equivalence group stands for the
+    group's first member. `source` names where they came from ("none" when there are none)."""
+
+    def __init__(self, groups: Mapping[str, Sequence[Sequence[str]]] | None = None, source: str = "none"):
+        self.source = source if groups else "none"
+        self._canonical: dict[str, dict[str, str]] = {}
+        for attribute, attribute_groups in (groups or {}).items():
+            table = self._canonical.setdefault(normalize(attribute), {})
+            for group in attribute_groups:
+                first = normalize_value(str(group[0]))
+                table.update({normalize_value(str(member)): first for member in group})
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> "Synonyms":
+        """The `synonyms` of a catalog spec as stored in a shard manifest (`source.spec`); none without one."""
+        if not spec or not spec.get("synonyms"):
+            return cls()
+        return cls(spec["synonyms"], source=str(spec.get("name") or "catalog spec"))
+
+    def canonical(self, attribute: str, value: str) -> str:
+        """`value` normalized (`normalize_value`), then replaced by its group's first member for `attribute`."""
+        value = normalize_value(value)
+        return self._canonical.get(normalize(attribute), {}).get(value, value)
+
+    def same(self, attribute: str, prediction: str, reference: str) -> bool:
+        return self.canonical(attribute, prediction) == self.canonical(attribute, reference)
+
+
+NO_SYNONYMS = Synonyms()
+
+
+def prf(correct: int, predicted: int, reference: int) -> tuple[float, float, float]:
+    """Precision, recall and F1 from counts; a zero denominator gives 0 (scikit-learn's `zero_division=0`)."""
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / reference if reference else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
 
 
 def mean(values: Sequence[float]) -> float | None:

@@ -8,12 +8,13 @@ go through the same code.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
+from functools import partial
 from typing import Any, Callable, Iterable, Sequence
 
 from mmtrain.data.shards.product_tasks import ATTRIBUTE_QA_PROMPTS, CATEGORY_PROMPTS, FREEFORM_QA, IMAGE_MARK
-from mmtrain.eval.metrics import (category_parts, corpus_bleu, exact_match, mean, normalize, parse_attributes, rouge_l,
-                                  token_f1)
+from mmtrain.eval.metrics import (NO_SYNONYMS, Synonyms, category_parts, corpus_bleu, exact_match, mean, normalize,
+                                  parse_attributes, prf, rouge_l, token_f1)
 
 _PHRASING = re.compile(r"_(?:img|txt)\d+_(?P<phrasing>[^_]+)(?:_[0-9a-f]{8})?$")
 _ATTR_QA_PATTERNS = [re.compile("^" + re.escape(p).replace(re.escape("{name}"), "(?P<name>.+?)") + "$")
@@ -67,7 +68,7 @@ def freeform_question(key: str, question: str) -> str:
 
 def score_caption(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     preds, refs = [it["prediction"] for it in items], [it["reference"] for it in items]
-    return {"n": len(items), "bleu4": corpus_bleu(preds, refs) if items else None,
+    return {"n": len(items), "bleu": corpus_bleu(preds, refs) if items else None,
             "rouge_l": mean([rouge_l(p, r) for p, r in zip(preds, refs)]),
             "exact": mean([float(exact_match(p, r)) for p, r in zip(preds, refs)])}
 
@@ -84,30 +85,43 @@ def score_category(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "master_acc": mean(master)}
 
 
-def score_attributes(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    tp = n_pred = n_ref = 0
-    per_key: dict[str, list[float]] = defaultdict(list)
+def _scores(correct: int, predicted: int, reference: int) -> dict[str, float]:
+    precision, recall, f1 = prf(correct, predicted, reference)
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def score_attributes(items: Sequence[dict[str, Any]], synonyms: Synonyms = NO_SYNONYMS) -> dict[str, Any]:
+    """Per attribute: precision = correct / predicted values of it, recall = correct / reference values of it, F1.
+    `micro` pools the counts of every attribute (a predicted attribute no reference has counts as wrong), `macro`
+    averages per-attribute scores over the attributes with references (the rows of `per_attribute`)."""
+    correct: Counter = Counter()
+    predicted: Counter = Counter()
+    support: Counter = Counter()
     for it in items:
         pred, ref = parse_attributes(it["prediction"]), parse_attributes(it["reference"])
-        tp += sum(1 for k, v in pred.items() if ref.get(k) == v)
-        n_pred, n_ref = n_pred + len(pred), n_ref + len(ref)
-        for k, v in ref.items():
-            per_key[k].append(float(pred.get(k) == v))
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_ref if n_ref else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"n": len(items), "precision": precision, "recall": recall, "f1": f1,
-            "per_key": {k: mean(v) for k, v in sorted(per_key.items())}}
+        predicted.update(pred.keys())
+        support.update(ref.keys())
+        correct.update(k for k, v in pred.items() if k in ref and synonyms.same(k, v, ref[k]))
+    per = {k: {**_scores(correct[k], predicted[k], support[k]), "support": support[k]} for k in sorted(support)}
+    micro = _scores(sum(correct.values()), sum(predicted.values()), sum(support.values()))
+    if not items:
+        micro = dict.fromkeys(micro)
+    macro = {name: mean([row[name] for row in per.values()]) for name in ("precision", "recall", "f1")}
+    return {"n": len(items), "micro": micro, "macro": macro, "per_attribute": per, "synonyms": synonyms.source}
 
 
-def score_attribute_qa(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def score_attribute_qa(items: Sequence[dict[str, Any]], synonyms: Synonyms = NO_SYNONYMS) -> dict[str, Any]:
+    """Accuracy of the answered value (compared as attribute values, with the attribute's synonyms), overall and per
+    attribute (`per_attribute_n`: how many questions each accuracy rests on)."""
     per: dict[str, list[float]] = defaultdict(list)
     overall = []
     for it in items:
-        hit = float(exact_match(it["prediction"], it["reference"]))
+        name = attribute_name(it["key"], it["question"])
+        hit = float(synonyms.same(name, it["prediction"], it["reference"]))
         overall.append(hit)
-        per[attribute_name(it["key"], it["question"])].append(hit)
-    return {"n": len(items), "accuracy": mean(overall), "per_attribute": {k: mean(v) for k, v in sorted(per.items())}}
+        per[name].append(hit)
+    return {"n": len(items), "accuracy": mean(overall), "per_attribute": {k: mean(v) for k, v in sorted(per.items())},
+            "per_attribute_n": {k: len(v) for k, v in sorted(per.items())}, "synonyms": synonyms.source}
 
 
 def score_freeform(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -121,10 +135,14 @@ SCORERS: dict[str, Callable[[Sequence[dict[str, Any]]], dict[str, Any]]] = {
 }
 
 
-def score_items(items: Iterable[dict[str, Any]], tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-    """{task: metrics} for every task with items (or every task in `tasks`, n = 0 where none)."""
+def score_items(items: Iterable[dict[str, Any]], tasks: Sequence[str] | None = None,
+                synonyms: Synonyms = NO_SYNONYMS) -> dict[str, dict[str, Any]]:
+    """{task: metrics} for every task with items (or every task in `tasks`, n = 0 where none); attribute values are
+    compared with `synonyms` (the catalog spec's, see `Synonyms.from_spec`)."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for it in items:
         by_task[it["task"]].append(it)
+    scorers = {**SCORERS, "attributes": partial(score_attributes, synonyms=synonyms),
+               "attribute_qa": partial(score_attribute_qa, synonyms=synonyms)}
     names = list(tasks) if tasks is not None else [t for t in SCORERS if t in by_task]
-    return {t: SCORERS[t](by_task.get(t, [])) for t in names if t in SCORERS}
+    return {t: scorers[t](by_task.get(t, [])) for t in names if t in scorers}

@@ -81,8 +81,18 @@ def test_majority_baseline_scores(hand_shards):
     assert got["category"] == {"n": 3, "leaf_acc": 2 / 3, "path_n": 2, "path_acc": 0.5, "master_acc": 0.5}
     assert got["attribute_qa"]["accuracy"] == pytest.approx(1 / 3)
     assert got["attribute_qa"]["per_attribute"] == {"colour": 0.0, "gender": 1.0, "season": 0.0}
-    assert got["attributes"]["precision"] == 0.5 and got["attributes"]["recall"] == pytest.approx(1 / 3)
-    assert got["caption"]["bleu4"] == pytest.approx(1.0) and got["caption"]["rouge_l"] == 1.0
+    # "gender: Men\ncolour: Black" for "gender: Men\ncolour: Red\nseason: Fall": gender right, colour wrong, season
+    # not predicted; micro 1 of 2 predicted, 1 of 3 reference values; macro over gender, colour, season
+    attributes = got["attributes"]
+    assert attributes["per_attribute"] == {
+        "colour": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
+        "gender": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1},
+        "season": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}}
+    assert attributes["micro"] == pytest.approx({"precision": 1 / 2, "recall": 1 / 3, "f1": 2 / 5})
+    assert attributes["macro"] == pytest.approx({"precision": 1 / 3, "recall": 1 / 3, "f1": 1 / 3})
+    assert attributes["synonyms"] == got["attribute_qa"]["synonyms"] == "none"  # a hand-built set: no catalog spec
+    # "Blue shirt" = "Blue shirt", but 2 tokens have no 3-gram: sacrebleu's corpus BLEU is 0; ROUGE-L is 1
+    assert got["caption"]["bleu"] == 0.0 and got["caption"]["rouge_l"] == 1.0
     # "it is made for women" vs "it is made for men": 4 of 5 tokens each way
     assert got["freeform"]["token_f1"] == pytest.approx(0.8)
     assert len(preds) == len(VAL) and all("prediction" in p for p in preds)

@@ -20,7 +20,8 @@ def test_eval_command_writes_metrics_predictions_and_table(tiny, tmp_path, capsy
                "--batch-size", "4", "--max-new-tokens", "3", "--blank-images", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "blank images" in printed and "majority" in printed and "caption bleu4" in printed
+    assert "blank images" in printed and "majority" in printed and "caption bleu" in printed
+    assert "attributes micro f1" in printed and "attributes synonyms" in printed
     results = json.loads(out.read_text())
     assert {"metrics", "baseline", "blank_images"} <= set(results)
     assert sum(m["n"] for m in results["metrics"].values()) == 10

@@ -11,7 +11,7 @@ import torch
 from mmtrain.data.loader.images import ImageConfig
 from mmtrain.data.loader.templates import Renderer
 from mmtrain.eval import evaluate, format_table, majority_baseline, write_results
-from mmtrain.eval.evaluate import read_samples
+from mmtrain.eval.evaluate import flat_metrics, read_samples
 from mmtrain.eval.generate import GREY, Generator, load_model
 
 
@@ -75,7 +75,9 @@ def test_evaluate_metrics_loss_and_files(tiny, tmp_path):
     assert min(x["loss"] for x in task_rows) <= metrics[item["task"]]["loss"] <= max(x["loss"] for x in task_rows)
     baseline = majority_baseline(tiny["shards"])
     table = format_table(metrics, baseline)
-    assert "category leaf_acc" in table and "majority" in table and "attributes colour acc" in table
+    assert "category leaf_acc" in table and "majority" in table and "attributes colour f1" in table
+    assert metrics["attributes"]["synonyms"] == baseline["attributes"]["synonyms"] == "fashion-products"
+    assert set(metrics["attributes"]) == {"n", "micro", "macro", "per_attribute", "synonyms", "loss", "perplexity"}
     path = write_results(tmp_path / "metrics.json", {"metrics": metrics, "baseline": baseline}, preds)
     assert path == tmp_path / "predictions.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -118,3 +120,27 @@ def test_exported_image_processor_is_used(tiny, tmp_path):
     cfg = load_model(model).image_config
     assert (cfg.size, cfg.mean, cfg.std, cfg.resize, cfg.augment) == (32, (0.5,) * 3, (0.25,) * 3, "pad", False)
     assert load_model(tiny["model"]).image_config == ImageConfig(size=32)  # stage dirs: the tower's size
+
+
+def test_table_rows_spell_out_micro_macro_and_per_attribute_scores():
+    attributes = {"n": 2, "micro": {"precision": 0.5, "recall": 0.25, "f1": 1 / 3},
+                  "macro": {"precision": 0.5, "recall": 0.5, "f1": 0.5},
+                  "per_attribute": {"colour": {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2}},
+                  "synonyms": "fashion-products"}
+    qa = {"n": 3, "accuracy": 2 / 3, "per_attribute": {"colour": 0.5, "usage": 1.0},
+          "per_attribute_n": {"colour": 2, "usage": 1}, "synonyms": "none"}
+    assert flat_metrics({"attributes": attributes, "attribute_qa": qa}) == {
+        "attributes n": 2, "attributes micro precision": 0.5, "attributes micro recall": 0.25,
+        "attributes micro f1": 1 / 3, "attributes macro precision": 0.5, "attributes macro recall": 0.5,
+        "attributes macro f1": 0.5, "attributes colour precision": 1.0, "attributes colour recall": 0.5,
+        "attributes colour f1": 2 / 3, "attributes colour support": 2, "attributes synonyms": "fashion-products",
+        "attribute_qa n": 3, "attribute_qa accuracy": 2 / 3, "attribute_qa colour acc": 0.5,
+        "attribute_qa usage acc": 1.0, "attribute_qa colour n": 2, "attribute_qa usage n": 1,
+        "attribute_qa synonyms": "none"}
+    lines = format_table({"attributes": attributes}, {"attributes": {**attributes, "synonyms": "none"}}).splitlines()
+    assert lines[0].split() == ["metric", "model", "majority"]
+    assert lines[5].split() == ["attributes", "micro", "f1", "0.3333", "0.3333"]
+    assert lines[11].split() == ["attributes", "colour", "f1", "0.6667", "0.6667"]
+    assert lines[12].split() == ["attributes", "colour", "support", "2", "2"]
+    # the columns widen to the longest cell
+    assert lines[-1] == "attributes synonyms" + " " * 10 + "fashion-products" + " " * 14 + "none"

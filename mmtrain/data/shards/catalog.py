@@ -42,6 +42,9 @@ class CatalogSpec:
     attributes: either `columns` (each a key) or one `field` holding a JSON object; `names` renames keys for display.
     images: either a `pattern` such as `images/{id}.jpg` (formatted with the row's columns, relative to `--images`)
             or a `column` of relative paths split on `separator` (several images per product).
+    synonyms: for the eval only, `{attribute display name: [[value, same value, ...], ...]}`: groups of values that
+              count as the same answer when attributes are scored (docs/eval.md). They never change a shard; the
+              manifest's copy of the spec carries them to the eval.
     """
 
     name: str
@@ -53,6 +56,7 @@ class CatalogSpec:
     category: dict[str, Any] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
     images: dict[str, Any] = field(default_factory=dict)
+    synonyms: dict[str, list[list[str]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.format not in ("csv", "jsonl"):
@@ -63,6 +67,8 @@ class CatalogSpec:
             raise UserError(f"catalog spec {self.name!r}: attributes needs 'columns' or 'field'")
         if self.images and not ({"pattern", "column"} & set(self.images)):
             raise UserError(f"catalog spec {self.name!r}: images needs 'pattern' or 'column'")
+        self.synonyms = self.synonyms or {}
+        self._check_synonyms()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CatalogSpec":
@@ -77,8 +83,34 @@ class CatalogSpec:
                 raise UserError(f"catalog spec {path}: missing required key {required!r}")
         return cls(**raw)
 
+    def _check_synonyms(self) -> None:
+        """`synonyms` maps attribute display names (one of the spec's, where its columns name them) to lists of groups
+        of at least two distinct strings; no value (case and spacing aside) is in two groups of one attribute."""
+        where = f"catalog spec {self.name!r}: synonyms"
+        if not isinstance(self.synonyms, dict):
+            raise UserError(f"{where} must map attribute names to lists of value groups")
+        known = [self.attribute_name(c) for c in self.attributes.get("columns", [])]
+        for attribute, groups in self.synonyms.items():
+            if known and attribute not in known:
+                raise UserError(f"{where}: no attribute {attribute!r} (the spec's attributes: {known})")
+            if not isinstance(groups, list):
+                raise UserError(f"{where}.{attribute} must be a list of groups such as [[grey, gray]]")
+            seen: set[str] = set()
+            for group in groups:
+                if not (isinstance(group, list) and all(isinstance(v, str) and v.strip() for v in group)):
+                    raise UserError(f"{where}.{attribute}: {group!r} is not a list of non-empty strings (quote "
+                                    "values YAML would read as numbers or booleans)")
+                folded = {" ".join(v.lower().split()) for v in group}
+                if len(folded) < 2:
+                    raise UserError(f"{where}.{attribute}: {group!r} needs two different values")
+                if folded & seen:
+                    raise UserError(f"{where}.{attribute}: {sorted(folded & seen)} in more than one group")
+                seen |= folded
+
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The spec as the manifest records it (`synonyms` only when there are some, so specs without them record
+        what they always did)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "synonyms" or self.synonyms}
 
     def referenced_columns(self) -> list[str]:
         """Every column the spec names, so a missing one fails before any row is read."""
