@@ -16,7 +16,8 @@
 - llava-style: a map Dataset over a JSON list + an image folder, HF CLIPImageProcessor per image and per-sample
   tokenization with the round-by-round masking of LLaVA's LazySupervisedDataset / preprocess_v1
 and the padding waste (pad tokens / all tokens) of the mmtrain batches padded (batch_size samples) and packed
-(token budget: batch_size rows of max_length).
+(token budget: batch_size rows of max_length). At the end, bench/tar_readers.py's rows: webdataset's tar reader against
+mmtrain's on the same local shards, and mmtrain's reader and loader over HTTP (a local http.server).
 
 The target (stream >= 0.8 x raw PIL, the loader's defaults) is judged on paired rounds: each round times raw PIL,
 then three stream runs (the batch, twice the batch, and the batch with the worker pinned to a core, an opt-in knob
@@ -59,6 +60,8 @@ from mmtrain.data.loader.config import LoaderConfig
 from mmtrain.data.loader.stream import build_loader  # noqa: E402
 from mmtrain.data.loader.templates import IGNORE_INDEX, get_template  # noqa: E402
 from mmtrain.data.loader.tokenizer import iter_shard_texts, load_tokenizer, train_tokenizer  # noqa: E402
+
+import tar_readers  # noqa: E402  (bench/tar_readers.py, beside this file)
 
 DATASET = Path("/work/shared/datasets/fashion-products")
 SPEC = Path(__file__).resolve().parents[1] / "shards/catalogs/fashion-products.yaml"
@@ -258,6 +261,8 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reader-rounds", type=int, default=5,
+                    help="rounds of the tar-reader rows (webdataset vs mmtrain, local vs HTTP: bench/tar_readers.py)")
     ap.add_argument("--repeats", type=int, default=15, help="paired rounds (the target: their median ratio)")
     ap.add_argument("--other-repeats", type=int, default=3,
                     help="of those rounds, how many also time the simplejpeg, packed and llava-style rows")
@@ -340,6 +345,7 @@ def main() -> None:
     print(f"padding waste (pad/all tokens), max_length 1024: padded batch {args.batch_size}: {waste:.1%}, "
           f"batch 32: {waste32:.1%}; packed (token budget) 2 rows: {waste_packed:.1%} ({per_step:.1f} samples/step), "
           f"8 rows: {packed8.waste:.1%} ({packed8.per_step:.1f} samples/step)")
+    tar_readers.compare(shards, tok, args.reader_rounds, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mmtrain.commands.manifest_table import print_manifest
 from mmtrain.data.loader.templates import TEMPLATE_NAMES
+from mmtrain.data.shards.hf_datasets import HF_FORMAT, HFColumns
 from mmtrain.data.shards.instruction_formats import FORMATS
 from mmtrain.data.shards.product_tasks import TASKS
 from mmtrain.errors import UserError
@@ -50,19 +51,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = build.add_argument_group("source: a catalog with its spec, or an open-domain file with --format")
     source.add_argument("--spec", help="catalog spec YAML (shards/catalogs/*.yaml)")
     source.add_argument("--catalog", help="catalog file (CSV or JSONL, as the spec says)")
-    source.add_argument("--format", choices=FORMATS, help="open-domain input format instead of a catalog")
-    source.add_argument("--input", help="the open-domain JSON / JSONL file (with --format)")
+    source.add_argument("--format", choices=(*FORMATS, HF_FORMAT),
+                        help="open-domain input format instead of a catalog (hf: Hugging Face datasets data)")
+    source.add_argument("--input", nargs="+",
+                        help="the open-domain JSON / JSONL file (with --format); with --format hf a save_to_disk "
+                             "folder, a folder of parquet files, or parquet files")
+    hf = build.add_argument_group("--format hf: which columns make a sample")
+    hf.add_argument("--text-columns", nargs="+", metavar="COL",
+                    help="CAPTION (with --image-column), QUESTION ANSWER, or INSTRUCTION INPUT OUTPUT")
+    hf.add_argument("--conversation-column", metavar="COL", help="a LLaVA / ShareGPT turn list per row")
+    hf.add_argument("--image-column", metavar="COL",
+                    help="datasets.Image, image bytes, or a path relative to --images (or a list of these)")
+    hf.add_argument("--id-column", metavar="COL", help="a unique id per row (default: the row number)")
+    hf.add_argument("--hf-split", metavar="NAME", help="the split of a DatasetDict or parquet folder (default train)")
     build.add_argument("--images", help="folder that image paths are relative to (default: the input's folder)")
-    build.add_argument("--out", required=True, help="output folder (written aside and renamed when complete)")
+    build.add_argument("--out", required=True, help="output folder (written aside and renamed when complete), or a "
+                       "URL (s3://, gs:// …: built locally, uploaded with the manifest last)")
     build.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="catalog tasks to build")
     build.add_argument("--per-task", type=int, default=1, help="samples per product and task")
     build.add_argument("--text-only", action="store_true", help="text-only variants: the product's text, no image")
     build.add_argument("--val-every-attribute", action="store_true",
-                       help="val products ask every attribute (attribute QA), so each attribute is scored on all")
+                       help="held-out (val and test) products ask every attribute (attribute QA), so each "
+                            "attribute is scored on all")
     build.add_argument("--attribute-weight", action="append", default=[], metavar="NAME=WEIGHT",
                        help="attribute QA asks NAME with this weight (others 1), e.g. colour=4: colour half the time "
                             "among five attributes; repeatable")
     build.add_argument("--val-fraction", type=float, default=0.05, help="share of products in the val split")
+    build.add_argument("--test-fraction", type=float, default=0.0,
+                       help="share of products in a test split, held out from every choice (default none)")
     build.add_argument("--seed", type=int, default=0, help="phrasing seed (same seed → byte-identical shards)")
     build.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     build.add_argument("--image-size", type=int, default=448, help="longest image side (downscale only)")
@@ -97,22 +113,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from mmtrain.data.shards.build import build_from_catalog, build_from_format
+    from mmtrain.data.shards.build import build_from_catalog, build_from_format, build_from_hf
     from mmtrain.data.shards.writer import BuildOptions
 
-    options = BuildOptions(out=Path(args.out), val_fraction=args.val_fraction, seed=args.seed,
+    options = BuildOptions(out=args.out, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, seed=args.seed,
                            shard_size=args.shard_size, image_size=args.image_size, workers=args.workers,
                            max_reject_fraction=args.max_reject_fraction,
                            max_image_pixels=args.max_image_pixels,
                            overwrite=args.overwrite,
                            progress=not args.no_progress)
+    hf_flags = [f for f in ("text_columns", "conversation_column", "image_column", "id_column", "hf_split")
+                if getattr(args, f) is not None]
+    if hf_flags and args.format != HF_FORMAT:
+        raise UserError(f"--{hf_flags[0].replace('_', '-')} is for --format hf")
     if args.format:
         if not args.input or args.spec or args.catalog:
             raise UserError("--format needs --input (and takes no --spec / --catalog)")
         if args.val_every_attribute or args.attribute_weight:
             raise UserError("--val-every-attribute and --attribute-weight are for catalogs (their attribute QA); "
                             "--format data has none")
-        summary = build_from_format(args.format, args.input, args.images, options)
+        if args.format == HF_FORMAT:
+            columns = HFColumns(tuple(args.text_columns or ()), args.conversation_column, args.image_column,
+                                args.id_column)
+            summary = build_from_hf(args.input, columns, args.images, options, args.hf_split)
+        elif len(args.input) > 1:
+            raise UserError(f"--format {args.format} reads one --input file, got {len(args.input)}")
+        else:
+            summary = build_from_format(args.format, args.input[0], args.images, options)
     else:
         if not (args.spec and args.catalog):
             raise UserError("give --spec and --catalog, or --format and --input")
@@ -123,11 +151,11 @@ def run_build(args: argparse.Namespace) -> int:
     if summary.rejects:
         print(f"rejected {sum(summary.rejects.values())} of {summary.rows} rows: "
               + ", ".join(f"{reason} {n}" for reason, n in sorted(summary.rejects.items()))
-              + f"  (see {summary.out / 'rejects.jsonl'})")
+              + f"  (see {summary.rejects_file})")
     if summary.reject_fraction > args.max_reject_fraction:
         raise UserError(f"{summary.reject_fraction:.1%} of rows rejected, more than --max-reject-fraction "
                         f"{args.max_reject_fraction:.1%}; the good rows are in {summary.out}, the rest in "
-                        f"{summary.out / 'rejects.jsonl'}")
+                        f"{summary.rejects_file}")
     return 0
 
 

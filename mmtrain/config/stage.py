@@ -87,7 +87,8 @@ class DataSource(Spec):
     """One entry of a stage's data mixture (a bare directory in YAML means weight 1)."""
 
     shards: str | list[str]
-    """A shard-set directory (or its manifest.json), or several read as one source."""
+    """A shard-set directory (or its manifest.json), local or a URL (s3://, gs://, https://), or shard files named
+    with a brace range (DIR/train-{000000..000009}.tar), or several read as one source."""
     weight: Float = 1.0
     """This source's share of the mixture, relative to the other sources' weights."""
 
@@ -137,13 +138,25 @@ class LoaderSpec(Spec):
     """Keep each worker on one core of this process's CPU set."""
     split: str = "train"
     """The split of each shard set to read."""
+    shard_cache: str | None = None
+    """Keep shards fetched from URLs (s3://, gs://, https://) in this directory across runs; default the
+    MMTRAIN_SHARD_CACHE variable, else a scratch copy per epoch."""
+    shard_retries: Int = 5
+    """Retries of a remote shard fetch on timeouts, dropped connections and HTTP 5xx (never on 4xx)."""
+    shard_backoff: Float = 1.0
+    """Seconds before the first retry, doubled for each later one."""
+    shard_timeout: Float = 60.0
+    """Seconds a remote connection or read may stall before the try fails."""
 
     def check(self) -> None:
         for name, low in (("samples_per_epoch", 1), ("shuffle_buffer", 1), ("group_window", 1),
-                          ("pad_to_multiple", 1), ("num_workers", 0), ("transfer_samples", 1)):
+                          ("pad_to_multiple", 1), ("num_workers", 0), ("transfer_samples", 1), ("shard_retries", 0),
+                          ("shard_backoff", 0)):
             at_least(self, name, low)
         if self.mode == "resampled" and self.samples_per_epoch is None:
             raise FieldError(("mode",), "resampled needs samples_per_epoch")
+        if self.shard_timeout <= 0:
+            raise FieldError(("shard_timeout",), f"must be > 0, not {self.shard_timeout!r}", sep=" ")
 
 
 @dataclass

@@ -262,3 +262,33 @@ def test_attribute_weights_skew_attribute_qa_are_recorded_and_bad_ones_stop_befo
     assert main(base + [str(tmp_path / "twice"), "--attribute-weight", "colour=2", "--attribute-weight",
                         "colour=3"]) != 0
     assert "'colour' given twice" in capsys.readouterr().err
+
+
+def _products_by_split(folder: Path) -> dict[str, Counter]:
+    manifest = read_manifest(folder)
+    out: dict[str, Counter] = {}
+    for split, info in manifest["splits"].items():
+        out[split] = Counter()
+        for shard in info["shards"]:
+            for raw in wds.WebDataset(str(folder / shard["name"]), shardshuffle=False):
+                out[split][json.loads(raw["json"])["product_id"]] += 1
+    return out
+
+
+def test_test_split_is_carved_from_train_and_leaves_val_as_it_was(
+        tmp_path: Path, real_catalog: Path, fashion_spec: Path) -> None:
+    catalog = _subset(real_catalog, tmp_path / "cat", 60)
+    _build(fashion_spec, catalog, tmp_path / "two", val_fraction=0.25, tasks="attribute_qa")
+    _build(fashion_spec, catalog, tmp_path / "three", val_fraction=0.25, test_fraction=0.25, tasks="attribute_qa",
+           val_every_attribute=True)
+    two, three = _products_by_split(tmp_path / "two"), _products_by_split(tmp_path / "three")
+    assert set(two) == {"train", "val"} and set(three) == {"train", "val", "test"}
+    assert "test_fraction" not in read_manifest(tmp_path / "two")
+    assert read_manifest(tmp_path / "three")["test_fraction"] == 0.25
+    assert set(three["val"]) == set(two["val"])  # the products knobs were chosen on stay the val split
+    assert set(three["test"]) | set(three["train"]) == set(two["train"])
+    assert not set(three["test"]) & set(three["train"]) and 5 <= len(three["test"]) <= 25
+    assert set(three["test"].values()) == set(three["val"].values()) == {5}  # held-out products ask every attribute
+    assert set(three["train"].values()) == {1}
+    with pytest.raises(UserError, match="--test-fraction"):
+        BuildOptions(out=tmp_path / "x", val_fraction=0.5, test_fraction=0.5)

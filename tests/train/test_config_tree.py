@@ -121,11 +121,16 @@ def test_values_are_checked_against_their_types_with_the_dotted_path() -> None:
     assert error({"name": "b", "loader": {"shuffle_bufer": 5}}) == (
         "recipe.yaml: stages.1.loader: unknown keys ['shuffle_bufer'] (known: ['drop_last', 'group_by', "
         "'group_window', 'mode', 'num_workers', 'pad_to_multiple', 'persistent_workers', 'pin_workers', "
-        "'samples_per_epoch', 'shuffle', 'shuffle_buffer', 'split', 'transfer_samples', 'truncate', 'uneven'])")
+        "'samples_per_epoch', 'shard_backoff', 'shard_cache', 'shard_retries', 'shard_timeout', 'shuffle', "
+        "'shuffle_buffer', 'split', 'transfer_samples', 'truncate', 'uneven'])")
     assert error({"name": "b"}, image={"resize": "crop"}) == \
         "recipe.yaml: image.resize must be shortest or pad, not 'crop'"
     assert error({"name": "b"}, faults={"hang_timeout_s": "soon"}) == \
         "recipe.yaml: faults.hang_timeout_s: expected a number, got 'soon'"
+    assert error({"name": "b"}, report_to=["tensorboard", "neptune"]) == \
+        "recipe.yaml: report_to.1 must be tensorboard, wandb or mlflow, not 'neptune'"
+    assert error({"name": "b"}, report_to=["wandb", "wandb"]) == "recipe.yaml: report_to names a tracker twice: " \
+        "['wandb', 'wandb']"
 
 
 def test_booleans_are_strict_and_never_numbers_and_unions_name_every_arm() -> None:

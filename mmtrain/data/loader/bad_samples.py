@@ -20,9 +20,10 @@ from mmtrain.data.loader.images import ImageConfig, ImageTooLarge, decode_hwc, f
 from mmtrain.data.loader.templates import IMAGE_TOKEN
 
 DATA_REASONS = ("truncated_shard", "bad_json", "missing_fields", "bad_image", "image_too_large",
-                "image_count_mismatch", "bad_sample")
+                "image_count_mismatch", "bad_sample", "unreachable_shard")
 """Reasons a sample is unreadable (skipped with a warning, or raised). `bad_sample` is the catch-all for anything else
-the sample's content makes the template or decoder reject (e.g. `<image>` inside an assistant turn)."""
+the sample's content makes the template or decoder reject (e.g. `<image>` inside an assistant turn);
+`unreachable_shard` counts each sample read from a shard URL that could not be fetched (data/remote_files.py)."""
 TEMPLATE_REASONS = ("no_label", "no_label_after_truncation", "too_long")
 """Readable samples the template drops (nothing to learn within max_length): counted, never warned about."""
 IMAGE_EXTS = ("jpg", "jpeg", "png")

@@ -8,6 +8,7 @@ from typing import Any
 from mmtrain.data.loader import worker_handoff
 from mmtrain.data.loader.grouping import WINDOW, check_config
 from mmtrain.data.loader.images import ImageConfig
+from mmtrain.data.remote_files import FetchOptions
 from mmtrain.errors import UserError
 
 
@@ -18,7 +19,8 @@ class LoaderConfig:
     tests/train/test_config_tree.py), so a loader built by hand reads data as the trainer does."""
 
     data: Any
-    """One shard-set directory / manifest, or a mixture: a list of `{shards: DIR | [DIR...], weight: float}`."""
+    """One shard set (a directory, its manifest, a URL, or brace-ranged shard files), or a mixture: a list of
+    `{shards: DIR | URL | [DIR...], weight: float}`."""
     num_image_slots: int
     """Placeholder tokens per image: `mmtrain.model.num_image_slots(config)` (abstractor 65, mlp patches, xattn 1,
     layerwise 0: no tokens, the image sits at the first token after its mark)."""
@@ -64,6 +66,17 @@ class LoaderConfig:
     docs/loader.md, Bad samples), or `raise` (BadSample: a ValueError naming shard, key and reason)."""
     max_image_pixels: int = 64_000_000
     """An image whose header declares more pixels is refused before it is decoded (`image_too_large`)."""
+    shard_cache: str | None = None
+    """Directory where shards named by URL (`s3://`, `gs://`, `https://`) are kept once fetched, shared by runs and
+    processes; None: the `MMTRAIN_SHARD_CACHE` variable, else each shard is fetched into a scratch file deleted as the
+    reader moves on (mmtrain/data/remote_files.py)."""
+    shard_retries: int = 5
+    """Tries after the first when fetching a remote shard or manifest fails on a timeout, a dropped connection or an
+    HTTP 5xx (never on 4xx); then the shard is unreachable (`on_bad_sample` decides)."""
+    shard_backoff: float = 1.0
+    """Seconds before the first retry, doubled for each later one."""
+    shard_timeout: float = 60.0
+    """Seconds a connection or a read of a remote shard may stall before the try counts as failed."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("exact", "resampled"):
@@ -77,3 +90,8 @@ class LoaderConfig:
         if self.batch_size < 1 or self.num_workers < 0 or self.transfer_samples < 1:
             raise UserError("batch_size and transfer_samples must be >= 1 and num_workers >= 0")
         check_config(self.group_by, self.group_window, self.pack)
+        self.fetch_options()  # checks the shard_* knobs
+
+    def fetch_options(self) -> FetchOptions:
+        """How shards named by URL are fetched (the `shard_*` knobs)."""
+        return FetchOptions(self.shard_cache, self.shard_retries, self.shard_backoff, self.shard_timeout)

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from braceexpand import braceexpand
+
+from mmtrain.data import remote_files
+from mmtrain.data.remote_files import FetchError, FetchOptions
 from mmtrain.errors import UserError
 
 
@@ -41,7 +45,7 @@ class Segment:
 
 @dataclass
 class Source:
-    """One entry of a stage's data mixture: shard sets (manifest files or their directories) and a weight."""
+    """One entry of a stage's data mixture: shard sets (manifest files, their directories or URLs) and a weight."""
 
     shards: list[Shard]
     weight: float = 1.0
@@ -52,31 +56,88 @@ class Source:
         return sum(s.samples for s in self.shards)
 
 
-def load_shards(manifests: str | os.PathLike | Sequence[str | os.PathLike], split: str = "train") -> list[Shard]:
-    """Shard list (absolute paths, sample counts) from one or more shard-set manifests, in manifest order."""
+def load_shards(manifests: str | os.PathLike | Sequence[str | os.PathLike], split: str = "train",
+                fetch: FetchOptions | None = None) -> list[Shard]:
+    """Shard list (absolute paths or URLs, sample counts) from one or more shard sets, in the order given.
+
+    Each entry is a shard-set directory or its manifest.json, local or a URL (`s3://`, `gs://`, `https://` …: its
+    manifest at `URL/manifest.json`), or shard files named with a brace range (`…/train-{000000..000003}.tar`,
+    webdataset's notation): those shards, in that order, with their sample counts from the manifest.json beside them."""
     if isinstance(manifests, (str, os.PathLike)):
         manifests = [manifests]
+    fetch = fetch if fetch is not None else FetchOptions()
     shards: list[Shard] = []
-    for m in manifests:
-        path = Path(m)
-        if path.is_dir():
-            path = path / "manifest.json"
-        if not path.is_file():
-            raise UserError(f"{path}: no manifest.json (build shards with `mmtrain shards build`)")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != "mmtrain-shards":
-            raise UserError(f"{path}: not an mmtrain shard manifest")
-        if split not in manifest.get("splits", {}):
-            raise UserError(f"{path}: no split {split!r} (has {', '.join(manifest.get('splits', {}))})")
-        for s in manifest["splits"][split]["shards"]:
-            shards.append(Shard(str(path.parent / s["name"]), int(s["samples"])))
+    for entry in manifests:
+        entry = os.fspath(entry)
+        names = list(braceexpand(entry)) if "{" in entry else [entry]
+        if names[0].endswith(".tar"):
+            shards += _named_shards(names, split, fetch)
+            continue
+        for name in names:
+            where, manifest = _read_manifest(name, fetch)
+            shards += [Shard(_inside(where, s["name"]), int(s["samples"])) for s in _split_shards(where, manifest,
+                                                                                                   split)]
     if not shards:
         raise UserError(f"no {split} shards in {', '.join(map(str, manifests))}")
     return shards
 
 
-def make_sources(spec: Sequence[dict] | str | os.PathLike, split: str = "train") -> list[Source]:
-    """A stage's data: a list of `{shards: DIR | [DIR, ...], weight: float}`, or one shard set."""
+def _inside(folder: str, name: str) -> str:
+    return remote_files.join(folder, name) if remote_files.is_url(folder) else str(Path(folder) / name)
+
+
+def _read_manifest(entry: str, fetch: FetchOptions) -> tuple[str, dict]:
+    """(the shard set's folder, its parsed manifest) for a folder or manifest path / URL."""
+    if remote_files.is_url(entry):
+        url = entry if entry.endswith(".json") else remote_files.join(entry, "manifest.json")
+        try:
+            text = remote_files.read_bytes(url, fetch)
+        except FetchError as exc:
+            if isinstance(exc.cause, FileNotFoundError):
+                raise UserError(f"{url}: no manifest.json (build shards with `mmtrain shards build --out URL`; an "
+                                "upload that stopped half-way has none)") from exc
+            raise UserError(f"cannot read {url}: {exc.detail}") from exc
+        where = remote_files.parent(url)
+    else:
+        path = Path(entry)
+        if path.is_dir():
+            path = path / "manifest.json"
+        if not path.is_file():
+            raise UserError(f"{path}: no manifest.json (build shards with `mmtrain shards build`)")
+        text, where, url = path.read_bytes(), str(path.parent), str(path)
+    manifest = json.loads(text)
+    if manifest.get("format") != "mmtrain-shards":
+        raise UserError(f"{url}: not an mmtrain shard manifest")
+    return where, manifest
+
+
+def _split_shards(where: str, manifest: dict, split: str) -> list[dict]:
+    if split not in manifest.get("splits", {}):
+        raise UserError(f"{where}: no split {split!r} (has {', '.join(manifest.get('splits', {}))})")
+    return manifest["splits"][split]["shards"]
+
+
+def _named_shards(paths: list[str], split: str, fetch: FetchOptions) -> list[Shard]:
+    """Shards named one by one (a brace range), each counted by the manifest of its folder; a name the manifest's
+    split does not list is refused, naming it."""
+    manifests: dict[str, dict[str, int]] = {}
+    shards = []
+    for path in paths:
+        folder, name = (remote_files.parent(path), path.rstrip("/").rsplit("/", 1)[-1]) if remote_files.is_url(
+            path) else (str(Path(path).parent), Path(path).name)
+        if folder not in manifests:
+            where, manifest = _read_manifest(folder, fetch)
+            manifests[folder] = {s["name"]: int(s["samples"]) for s in _split_shards(where, manifest, split)}
+        if name not in manifests[folder]:
+            raise UserError(f"{path}: not a {split} shard of {_inside(folder, 'manifest.json')} (a shard the manifest "
+                            "does not list has no sample count; rebuild the set or fix the range)")
+        shards.append(Shard(_inside(folder, name), manifests[folder][name]))
+    return shards
+
+
+def make_sources(spec: Sequence[dict] | str | os.PathLike, split: str = "train",
+                 fetch: FetchOptions | None = None) -> list[Source]:
+    """A stage's data: a list of `{shards: DIR | URL | [DIR, ...], weight: float}`, or one shard set."""
     if isinstance(spec, (str, os.PathLike)):
         spec = [{"shards": spec, "weight": 1.0}]
     sources = []
@@ -84,7 +145,7 @@ def make_sources(spec: Sequence[dict] | str | os.PathLike, split: str = "train")
         weight = float(entry.get("weight", 1.0))
         if weight <= 0:
             raise UserError(f"data source {i}: weight must be > 0, got {weight}")
-        shards = load_shards(entry["shards"], split)
+        shards = load_shards(entry["shards"], split, fetch)
         sources.append(Source(shards, weight, str(entry.get("name") or entry["shards"])))
     return sources
 

@@ -43,7 +43,7 @@ class SlotStream:
         in_worker = ring is not None and get_worker_info() is not None
         self.writer = RingWriter(ring, worker) if in_worker else None
         """Images are decoded straight into the shared ring slot of the batch being produced (workers only)."""
-        self.reader = ShardReader()
+        self.reader = ShardReader(fetch=cfg.fetch_options())
         self.weights = [s.weight for s in sources]
         self.cursors = []
         for i, source in enumerate(sources):

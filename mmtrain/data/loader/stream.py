@@ -138,7 +138,7 @@ class StreamLoader:
     def __init__(self, cfg: LoaderConfig, tokenizer, rank: int | None = None, world_size: int | None = None):
         self.cfg = cfg
         self.rank, self.world_size = dist_rank_world(rank, world_size)
-        self.sources = make_sources(cfg.data, cfg.split)
+        self.sources = make_sources(cfg.data, cfg.split, cfg.fetch_options())
         self.renderer = Renderer(tokenizer, cfg.template, cfg.num_image_slots, cfg.max_length, cfg.truncate)
         probe = probe_sources(self.sources, self.renderer) if cfg.pack else None
         self.plan = Plan(cfg, self.sources, self.world_size, probe)

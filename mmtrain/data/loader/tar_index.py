@@ -11,19 +11,26 @@ Speed (per sample, 2 members): the header walk reads the file in 64 KiB chunks a
 (one syscall per ~8 samples instead of a seek and a read per header; once members average over 16 KiB it reads each
 header alone, so large images are never read by the walk), members are tuples, and a json member that is
 plainly UTF-8 skips `json.loads`' encoding sniffing; together ~4 µs, where a seek and a read per header took ~9 µs.
+
+A shard named by a URL (`s3://`, `gs://`, `https://` …) is fetched whole into a local file first
+(mmtrain/data/remote_files.py) and then read the same way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from collections import OrderedDict
 from typing import BinaryIO, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
+from mmtrain.data import remote_files
 from mmtrain.data.loader.bad_samples import BadSample
+from mmtrain.data.remote_files import FetchError, FetchOptions
 
 BLOCK = 512
 CHUNK = 1 << 16
@@ -113,14 +120,16 @@ class ShardIndex:
     """The samples of one tar shard, in file order: key and its members as (extension, data offset, size).
 
     `cut` is True when the file ends before its end-of-archive block (a copy or download cut short): the samples
-    after the cut are lost, and so is the last one indexed, which may be missing members or bytes."""
+    after the cut are lost, and so is the last one indexed, which may be missing members or bytes. `local` is the
+    file to read when `path` (the name errors give) is a URL fetched into a local copy."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, local: str | None = None):
         self.path = path
+        local = path if local is None else local
         self.samples: list[tuple[str, list[tuple[str, int, int]]]] = []
-        with open(path, "rb") as f:
+        with open(local, "rb") as f:
             walk = _ustar_walk(f)
-        members, complete = walk if walk is not None else _tarfile_walk(path)
+        members, complete = walk if walk is not None else _tarfile_walk(local)
         self.cut = not complete
         samples, last, group = self.samples, None, []
         for name, offset, size in members:
@@ -143,15 +152,46 @@ class ShardIndex:
 
 
 class ShardReader:
-    """Reads samples by position from a few recently used shards (open files and indexes kept in an LRU)."""
+    """Reads samples by position from a few recently used shards (open files and indexes kept in an LRU).
 
-    def __init__(self, max_open: int = 4):
+    A shard path may be a URL (remote_files.py): the shard is fetched whole into a local file (the cache directory
+    of `fetch`, or a private scratch file unlinked as soon as it is open, so an evicted or closed shard frees its
+    disk) and read like a local one. A URL that cannot be fetched after the retries is remembered: every sample read
+    from it raises BadSample `unreachable_shard` at once, without fetching again."""
+
+    def __init__(self, max_open: int = 4, fetch: FetchOptions | None = None):
         self.max_open = max_open
+        self.fetch = fetch if fetch is not None else FetchOptions()
         self._open: OrderedDict[str, tuple[ShardIndex, BinaryIO]] = OrderedDict()
         self._last: str | None = None  # the most recently used path (already at the LRU's end)
+        self._failed: dict[str, FetchError] = {}
+        self._scratch: str | None = None
 
     def index(self, path: str) -> ShardIndex:
+        """The shard's index (a URL that cannot be fetched: FetchError, an OSError naming it)."""
         return self._get(path)[0]
+
+    def _scratch_dir(self) -> str:
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="mmtrain-shards-")
+        return self._scratch
+
+    def _load(self, path: str) -> tuple[ShardIndex, BinaryIO]:
+        """Index and open one shard, fetching it first when `path` is a URL."""
+        if not remote_files.is_url(path):
+            return ShardIndex(path), open(path, "rb")
+        if path in self._failed:
+            raise self._failed[path]
+        try:
+            local, private = remote_files.fetch(path, self.fetch, self._scratch_dir)
+        except FetchError as exc:
+            self._failed[path] = exc
+            raise
+        try:
+            return ShardIndex(path, local), open(local, "rb")
+        finally:
+            if private:  # the open file keeps its bytes; the disk space goes when it is closed
+                os.unlink(local)
 
     def _get(self, path: str) -> tuple[ShardIndex, BinaryIO]:
         if path == self._last:  # the usual case: the same shard as the sample before
@@ -159,7 +199,7 @@ class ShardReader:
         if path in self._open:
             self._open.move_to_end(path)
         else:
-            self._open[path] = (ShardIndex(path), open(path, "rb"))
+            self._open[path] = self._load(path)
             while len(self._open) > self.max_open:
                 _, (_, f) = self._open.popitem(last=False)
                 f.close()
@@ -170,10 +210,14 @@ class ShardReader:
         """Sample `position` of shard `path` as a webdataset sample dict: `__key__`, `__url__`, `json` (decoded),
         `0.jpg` … (bytes). Member names are data (keys), never paths: nothing here writes a file.
 
-        Raises BadSample (`truncated_shard`, `bad_json`) for a sample lost to a cut file or with a broken json; a
+        Raises BadSample (`truncated_shard`, `bad_json`) for a sample lost to a cut file or with a broken json, and
+        (`unreachable_shard`) for every sample of a URL that cannot be fetched (remote_files.py); a
         position past the end of a whole (not cut) archive is a shard set out of step with its manifest: ValueError.
         """
-        index, f = self._get(path)
+        try:
+            index, f = self._get(path)
+        except FetchError as exc:
+            raise BadSample(path, f"#{position}", "unreachable_shard", exc.detail) from exc
         whole = len(index) - 1 if index.cut else len(index)  # samples that are certainly complete
         if not 0 <= position < whole:
             if position < 0 or not index.cut:
@@ -203,6 +247,10 @@ class ShardReader:
             f.close()
         self._open.clear()
         self._last = None
+        self._failed.clear()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 def _pread(f: BinaryIO, size: int, offset: int) -> bytes:

@@ -1,4 +1,5 @@
-"""The two ways into shards: a product catalog + spec (the five product tasks), or an open-domain instruction file."""
+"""The ways into shards: a product catalog + spec (the five product tasks), or open-domain instruction data (a
+LLaVA / Alpaca / ShareGPT file, or Hugging Face `datasets` data)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from mmtrain.data.shards.catalog import CatalogSpec, Product, read_catalog
+from mmtrain.data.shards.hf_datasets import HFColumns, hf_items, hf_source_meta, open_hf_input
 from mmtrain.data.shards.instruction_formats import read_format
 from mmtrain.data.shards.product_tasks import TASKS, product_samples
 from mmtrain.data.shards.records import Reject, WorkItem
@@ -28,13 +30,15 @@ class ProductItems:
     seed: int
     text_only: bool
     val_every_attribute: bool = False
-    """Products on the val side ask every attribute (`product_samples(every_attribute=True)`); needs val_fraction."""
+    """Held-out products (val and test) ask every attribute (`product_samples(every_attribute=True)`)."""
     val_fraction: float = 0.0
     attribute_weights: tuple[tuple[str, float], ...] = ()
     """(name, weight) pairs for attribute QA's draw (`product_samples(attribute_weights=...)`); () draws uniformly."""
+    test_fraction: float = 0.0
 
     def __call__(self, product: Product) -> WorkItem:
-        every = self.val_every_attribute and split_of(product.product_id, self.val_fraction) == "val"
+        every = self.val_every_attribute and split_of(product.product_id, self.val_fraction,
+                                                       self.test_fraction) != "train"
         samples = tuple(product_samples(product, self.tasks, self.per_task, self.seed, self.text_only, every,
                                         dict(self.attribute_weights)))
         images_of_item = () if self.text_only else product.image_paths
@@ -91,7 +95,7 @@ def build_from_catalog(spec_path: str | Path, catalog: str | Path, images: str |
         raise UserError("--per-task must be ≥ 1")
     products = read_catalog(catalog, spec, images, need_images=not text_only)
     to_item = ProductItems(str(catalog), tuple(tasks), per_task, options.seed, text_only, val_every_attribute,
-                           options.val_fraction, tuple(weights.items()))
+                           options.val_fraction, tuple(weights.items()), options.test_fraction)
     meta = {"source": {"kind": "catalog", "catalog": str(catalog), "images": str(images) if images else None,
                        "spec": spec.to_json(), "tasks": list(tasks), "per_task": per_task, "text_only": text_only,
                        "val_every_attribute": val_every_attribute, "attribute_weights": weights}}
@@ -104,3 +108,12 @@ def build_from_format(fmt: str, input_path: str | Path, images: str | Path | Non
     meta = {"source": {"kind": "format", "format": fmt, "input": str(input_path),
                        "images": str(images) if images else None}}
     return build_shards(read_format(fmt, input_path, images), options, meta)
+
+
+def build_from_hf(inputs: Sequence[str | Path], columns: HFColumns, images: str | Path | None,
+                  options: BuildOptions, split: str | None = None) -> BuildSummary:
+    """Hugging Face `datasets` data (a save_to_disk folder, parquet files) → shards, as an open-domain format is."""
+    source = open_hf_input(inputs, split)
+    source.check_columns(columns.names())  # before the output folder is touched
+    meta = {"source": hf_source_meta(inputs, source, columns, images)}
+    return build_shards(hf_items(source, columns, images), options, meta, total=source.total)

@@ -187,7 +187,9 @@ def reencode_image(source: str | Path | bytes, max_side: int, quality: int = JPE
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(IMAGE_TOO_LARGE, f"{name}: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+    except Image.UnidentifiedImageError as exc:  # its text names the BytesIO's address: not the same twice
+        raise ImageRejected(BAD_IMAGE, f"{name}: cannot identify image file") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(BAD_IMAGE, f"{name}: {exc}") from exc
     upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1
     if img.format == "JPEG" and img.mode == "RGB" and upright and max(img.size) <= max_side:

@@ -49,7 +49,8 @@ def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield row, RecordError(MALFORMED_ROW, f"not JSON: {exc}")
 
 
-def _turns(raw_turns: Any) -> list[dict[str, str]]:
+def parse_turns(raw_turns: Any) -> list[dict[str, str]]:
+    """A LLaVA / ShareGPT turn list ({from, value} or {role, content}) → [{role, content}]; RecordError if unusable."""
     if not isinstance(raw_turns, list) or not raw_turns:
         raise RecordError(MISSING_FIELD, "no 'conversations' list")
     turns = []
@@ -73,7 +74,7 @@ def _image_list(record: dict[str, Any]) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
-def _attach_images(turns: list[dict[str, str]], n_images: int) -> None:
+def attach_images(turns: list[dict[str, str]], n_images: int) -> None:
     """LLaVA puts `<image>` in the first human turn; records that omit it get one mark per image there."""
     marks = sum(t["content"].count(IMAGE_MARK) for t in turns)
     if marks == 0 and n_images:
@@ -84,11 +85,11 @@ def _attach_images(turns: list[dict[str, str]], n_images: int) -> None:
 
 
 def _llava_or_sharegpt(record: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
-    turns = _turns(record.get("conversations", record.get("messages")))
+    turns = parse_turns(record.get("conversations", record.get("messages")))
     if isinstance(record.get("system"), str) and record["system"].strip():
         turns.insert(0, {"role": "system", "content": record["system"].strip()})
     images = _image_list(record)
-    _attach_images(turns, len(images))
+    attach_images(turns, len(images))
     return turns, images
 
 

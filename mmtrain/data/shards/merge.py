@@ -27,7 +27,9 @@ from mmtrain.errors import UserError
 
 MODES = ("link", "copy")
 # Manifest fields every part must share: they decide the split, the samples' text and the images' size.
-MUST_AGREE = ("format", "version", "seed", "val_fraction", "image_size")
+MUST_AGREE = ("format", "version", "seed", "val_fraction", "test_fraction", "image_size")
+MANIFEST_DEFAULTS: dict[str, Any] = {"test_fraction": 0.0}
+"""Manifest fields a build writes only when set: absent reads as this value."""
 SOURCE_MUST_AGREE = ("kind", "spec", "tasks", "per_task", "text_only", "format", "val_every_attribute",
                      "attribute_weights")
 SOURCE_DEFAULTS: dict[str, Any] = {"val_every_attribute": False, "attribute_weights": {}}
@@ -54,7 +56,7 @@ def _check_compatible(parts: Sequence[Path], manifests: Sequence[dict[str, Any]]
     first = manifests[0]
     for part, manifest in zip(parts[1:], manifests[1:]):
         for name in MUST_AGREE:
-            if manifest.get(name) != first.get(name):
+            if manifest.get(name, MANIFEST_DEFAULTS.get(name)) != first.get(name, MANIFEST_DEFAULTS.get(name)):
                 raise UserError(f"{part}: {name} is {manifest.get(name)!r} but {parts[0]} has {first.get(name)!r}; "
                                 "only parts built with the same options can be merged")
         source, first_source = manifest.get("source") or {}, first.get("source") or {}

@@ -23,16 +23,19 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
+from mmtrain.data import remote_files
 from mmtrain.data.chunking import chunked
 from mmtrain.data.shards.image_encoding import DEFAULT_MAX_PIXELS, ImageRejected, reencode_image
 from mmtrain.data.shards.records import BAD_IMAGE, IMAGE_TOO_LARGE, Reject, WorkItem
 from mmtrain.data.shards.tar_members import end_of_archive, padding, tar_header
+from mmtrain.data.shards.upload import build_remote
 from mmtrain.errors import UserError
 import mmtrain
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+"""The splits a build can write; `test` only with a test_fraction (its manifest entry is absent otherwise)."""
 IMAGE_REASONS = (BAD_IMAGE, IMAGE_TOO_LARGE)  # rejected in a worker, after the reader passed the row
 
 
@@ -40,8 +43,11 @@ IMAGE_REASONS = (BAD_IMAGE, IMAGE_TOO_LARGE)  # rejected in a worker, after the 
 class BuildOptions:
     """Knobs of `mmtrain shards build`; every default is here."""
 
-    out: Path
+    out: Path | str
+    """The shard set's folder, or a URL (s3://, gs:// …) it is uploaded to once built (upload.py)."""
     val_fraction: float = 0.05
+    test_fraction: float = 0.0
+    """Share of products held out for a final test split, never used to choose anything (the val split is)."""
     seed: int = 0
     shard_size: int = 1000
     image_size: int = 448
@@ -53,29 +59,39 @@ class BuildOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
+        self.out = str(self.out) if remote_files.is_url(str(self.out)) else Path(self.out)
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0 - self.val_fraction:
+            raise UserError(f"--test-fraction must be in [0, 1 - val fraction), got {self.test_fraction} "
+                            f"(val fraction {self.val_fraction})")
         if self.shard_size < 1 or self.image_size < 8 or self.workers < 1:
             raise UserError("--shard-size and --workers must be ≥ 1 and --image-size ≥ 8")
 
 
 @dataclass
 class BuildSummary:
-    out: Path
+    out: Path | str
     manifest: dict[str, Any]
     rejects: Counter = field(default_factory=Counter)
     rows: int = 0
+
+    @property
+    def rejects_file(self) -> str:
+        return remote_files.join(self.out, REJECTS) if isinstance(self.out, str) else str(self.out / REJECTS)
 
     @property
     def reject_fraction(self) -> float:
         return sum(self.rejects.values()) / self.rows if self.rows else 0.0
 
 
-def split_of(split_id: str, val_fraction: float) -> str:
-    """Train or val by a hash of the product id: stable across seeds and rebuilds, never both sides for one product."""
+def split_of(split_id: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """Train, val or test by a hash of the product id: stable across seeds and rebuilds, never two splits for one
+    product. Val is the bottom of the hash range and test its top, so adding a test split leaves val as it was."""
     bucket = int.from_bytes(hashlib.sha256(split_id.encode("utf-8")).digest()[:8], "big") / 2**64
-    return "val" if bucket < val_fraction else "train"
+    if bucket < val_fraction:
+        return "val"
+    return "test" if bucket >= 1.0 - test_fraction else "train"
 
 
 _json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) without the per-call set-up
@@ -100,7 +116,7 @@ class _Chunk:
 
 
 def _encode_chunk(entries: list[Any], expand: Callable[[Any], WorkItem] | None, image_size: int, max_pixels: int,
-                  val_fraction: float, segment: str | None) -> _Chunk:
+                  val_fraction: float, test_fraction: float, segment: str | None) -> _Chunk:
     """Turn each entry into its WorkItem (`expand`, e.g. a product → its task samples), validate and re-encode its
     images once, and lay out its samples as tar members.
 
@@ -119,7 +135,7 @@ def _encode_chunk(entries: list[Any], expand: Callable[[Any], WorkItem] | None, 
             who = (first.product_id or first.key) if first is not None else item.split_id
             results.append(Reject(item.row, who, exc.reason, str(exc), item.file))
             continue
-        split = split_of(item.split_id, val_fraction)
+        split = split_of(item.split_id, val_fraction, test_fraction)
         pads = [padding(len(data)) for data in images]
         infos = []
         for sample in item.samples:
@@ -245,7 +261,7 @@ def _encoded(entries: Iterable[Any], expand: Callable[[Any], WorkItem] | None, o
     image bytes through a pipe or through Python: it appends segments to shards in the kernel (`copy_file_range`).
     A worker that dies raises BrokenProcessPool here instead of hanging the build (multiprocessing.Pool would wait).
     """
-    args = (expand, options.image_size, options.max_image_pixels, options.val_fraction)
+    args = (expand, options.image_size, options.max_image_pixels, options.val_fraction, options.test_fraction)
     if options.workers == 1:
         for chunk in chunked(entries, CHUNK_ITEMS):
             yield len(chunk), _encode_chunk(chunk, *args, None)
@@ -306,6 +322,8 @@ def build_shards(inputs: Iterable[Any], options: BuildOptions, meta: dict[str, A
     The whole shard set is written into a hidden folder beside `options.out` and renamed into place only when
     complete, so an interrupted build leaves the previous output (or none) untouched.
     """
+    if isinstance(options.out, str):  # a URL: built into a scratch folder, then uploaded, manifest last
+        return build_remote(options, lambda local: build_shards(inputs, local, meta, total, expand))
     out = options.out.resolve()
     if out.exists() and not options.overwrite:
         raise UserError(f"{out} already exists (pass --overwrite to replace it)")
@@ -344,11 +362,14 @@ def build_shards(inputs: Iterable[Any], options: BuildOptions, meta: dict[str, A
             for r in rejects:
                 fh.write(json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
         reject_counts = Counter(r.reason for r in rejects)
+        written_splits = SPLITS if options.test_fraction else SPLITS[:2]
+        test_fraction = {"test_fraction": options.test_fraction} if options.test_fraction else {}  # as before without
         manifest = {
             "format": "mmtrain-shards", "version": 1, "tool_version": mmtrain.__version__,
-            "seed": options.seed, "val_fraction": options.val_fraction, "image_size": options.image_size,
+            "seed": options.seed, "val_fraction": options.val_fraction, **test_fraction,
+            "image_size": options.image_size,
             "shard_size": options.shard_size, "rows": rows, "rejects": dict(sorted(reject_counts.items())),
-            "splits": {split: {**sinks[split].summary(), "products": products[split]} for split in SPLITS},
+            "splits": {split: {**sinks[split].summary(), "products": products[split]} for split in written_splits},
             **meta,
         }
         _write_json_atomic(tmp / MANIFEST, manifest)
