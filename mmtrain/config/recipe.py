@@ -20,6 +20,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TemplateName = Literal["owl", "alpaca", "chat"]
 """The template names of mmtrain/data/loader/templates.py (TEMPLATE_NAMES; equal, tested)."""
 
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+"""The trackers of mmtrain/train/trackers.py (TRACKERS; equal, tested)."""
+
 
 @dataclass
 class ModelSpec(Spec):
@@ -160,9 +163,14 @@ class Recipe(Spec):
     """The fault policy."""
     peak_tflops: Float | None = None
     """Peak TFLOP/s of one device for the MFU figure; default: by GPU name (train/flops.py), none on CPU."""
+    report_to: list[TrackerName] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 sends the step scalars besides metrics.jsonl: tensorboard | wandb | mlflow ([]: metrics.jsonl
+    only); wandb and mlflow are extras (pip install 'mmtrain[wandb]'), see docs/train.md."""
 
     def check(self) -> None:
         self.checkpointing()
+        if len(set(self.report_to)) != len(self.report_to):
+            raise FieldError(("report_to",), f"names a tracker twice: {self.report_to}", sep=" ")
         names = [s.name for s in self.stages]
         if not names:
             raise FieldError(("stages",), "is empty: a recipe needs at least one stage", sep=" ")

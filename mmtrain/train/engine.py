@@ -23,7 +23,7 @@ from mmtrain.train import checkpoint as ckpt, preemption
 from mmtrain.train.dsconfig import resolve_precision
 from mmtrain.train.flops import peak_flops
 from mmtrain.train.heartbeat import Heartbeat
-from mmtrain.train.logging import MetricsLogger
+from mmtrain.train.logging import metrics_logger
 from mmtrain.train.recipe_change import check_resume
 from mmtrain.train.run_context import RunContext, RunOptions, StageEngine, StageResult
 from mmtrain.train.runtime import init_distributed
@@ -54,7 +54,7 @@ class Trainer:
         image_config = recipe_image_config(recipe, config)
         self.ctx = RunContext(recipe, options, rank, world_size, device, precision, DTYPES[precision],
                               peak_flops(device, precision, recipe.peak_tflops), tokenizer, config, image_config,
-                              heartbeat, MetricsLogger(options.out, rank, options.tensorboard))
+                              heartbeat, metrics_logger(recipe, options.out, rank, options.tensorboard))
         preemption.install()  # SIGTERM / SIGUSR1: save at the next step boundary and exit cleanly
         self.results: list[StageResult] = []
 

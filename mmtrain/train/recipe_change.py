@@ -22,6 +22,7 @@ from mmtrain.errors import UserError
 FREE: dict[str, str] = {
     "name": "the recipe's label: run-report.json shows it, nothing trains on it",
     "peak_tflops": "only the MFU figure in the metrics",
+    "report_to": "where the metrics are sent, not what is trained",
     "gradient_checkpointing": "recomputes the same activations in backward: memory, not results",
     "faults.on_bad_sample": "stop or skip at a bad sample: a run that goes on has read the same batches",
     "faults.max_skip_fraction": "when bad samples stop the run, not which samples are read",

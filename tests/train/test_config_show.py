@@ -41,7 +41,7 @@ def test_show_gives_value_and_source_of_every_field(capsys) -> None:
     assert row(lines, "faults.on_bad_sample", "skip", "default") in lines
     assert row(lines, "image.size", "null", "default") in lines
     paths = [line.split()[0] for line in lines[1:]]
-    assert len(paths) == len(set(paths)) == 31 + 40 + 42  # every field once: recipe-wide, stage 0, stage 1 (2 sources)
+    assert len(paths) == len(set(paths)) == 32 + 44 + 46  # every field once: recipe-wide, stage 0, stage 1 (2 sources)
     assert paths.index("faults.keep_last") < paths.index("stages.0.name")  # recipe-wide fields first
 
 
