@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from mmtrain.config import Recipe, StageSpec
 from mmtrain.data.loader.shard_plan import load_shards
 from mmtrain.data.loader.tokenizer import load_tokenizer
+from mmtrain.data.remote_files import FetchOptions
 from mmtrain.errors import UserError
 from mmtrain.model import VisionLanguageModel, apply_stage_policy
 from mmtrain.train.stage_model import model_config
@@ -98,11 +99,12 @@ class Context:
         return self._get(f"trainable:{index}", build)
 
     # ---- data ------------------------------------------------------------------------------------------------------
-    def shards(self, spec: str | list[str]) -> list[Any]:
-        """The train split's shards of one data source (plan.load_shards: the loader's own manifest reader)."""
+    def shards(self, spec: str | list[str], fetch: FetchOptions | None = None) -> list[Any]:
+        """The train split's shards of one data source (plan.load_shards: the loader's own manifest reader, a
+        manifest named by URL read with the stage's `fetch` options)."""
         def build() -> list[Any]:
             try:
-                return load_shards(spec, "train")
+                return load_shards(spec, "train", fetch)
             except ValueError as exc:  # json.JSONDecodeError
                 raise UserError(f"{spec}: manifest.json does not parse: {exc}") from None
             except KeyError as exc:
@@ -113,6 +115,12 @@ class Context:
 def num_workers(stage: StageSpec) -> int:
     """Loader slots per rank for the stage: max(1, num_workers) (0 workers still makes one slot)."""
     return max(1, stage.loader.num_workers)
+
+
+def fetch_options(stage: StageSpec) -> FetchOptions:
+    """How the stage's loader fetches shards named by URL (its `shard_*` knobs, as LoaderConfig.fetch_options)."""
+    loader = stage.loader
+    return FetchOptions(loader.shard_cache, loader.shard_retries, loader.shard_backoff, loader.shard_timeout)
 
 
 def stage_label(stage: StageSpec) -> str:

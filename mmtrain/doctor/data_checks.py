@@ -1,19 +1,64 @@
-"""Data checks: every stage's shard sets are readable, and there are enough shards for ranks × loader workers."""
+"""Data checks: every stage's shard sets are readable, and there are enough shards for ranks × loader workers.
+
+A shard set named by URL (`s3://`, `gs://`, `https://` …) is checked as the loader will read it, with the stage's
+`shard_*` fetch options: its manifest is read, and each shard's size comes from the file system's `info` (one
+metadata request per shard, in parallel, retried like the loader's fetches), never its bytes."""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-from mmtrain.doctor.context import Context, Unavailable, num_workers, stage_label
+from mmtrain.data import remote_files
+from mmtrain.data.remote_files import FetchError, FetchOptions
+from mmtrain.doctor.context import Context, Unavailable, fetch_options, num_workers, stage_label
 from mmtrain.doctor.report import Check, row
 
+PARALLEL_INFO = 16
+"""Size requests in flight at once for a shard set named by URL (thousands of shards, one request each)."""
 
-def _sources(ctx: Context) -> Iterator[tuple[str, str | list[str]]]:
-    """(stage label, shards spec) of every data source of every stage."""
+
+def _sources(ctx: Context) -> Iterator[tuple[str, str | list[str], FetchOptions]]:
+    """(stage label, shards spec, the stage's fetch options) of every data source of every stage."""
     for stage in ctx.recipe.stages:
         for source in stage.data:
-            yield stage_label(stage), source.shards
+            yield stage_label(stage), source.shards, fetch_options(stage)
+
+
+def shard_size(path: str, fetch: FetchOptions) -> int | None:
+    """Bytes of one shard: `os.stat` for a file, the fsspec file system's `info` for a URL (retried as the loader's
+    fetches are; None when the server states no size). Raises OSError (FetchError for a URL) when it cannot."""
+    if not remote_files.is_url(path):
+        return os.stat(path).st_size
+    fs, inner = remote_files.filesystem(path, fetch)
+    size = remote_files.retrying(path, lambda: fs.info(inner).get("size"), fetch)
+    return None if size is None else int(size)
+
+
+def _sizes(paths: list[str], fetch: FetchOptions) -> list[int | None | OSError]:
+    """`shard_size` of each path, or the OSError that says why not. URLs after the first go PARALLEL_INFO at a
+    time: the first, asked alone, opens the file system's session that the others then share."""
+    def size(path: str) -> int | None | OSError:
+        try:
+            return shard_size(path, fetch)
+        except OSError as exc:
+            return exc
+    if len(paths) < 2 or not any(remote_files.is_url(p) for p in paths):
+        return [size(p) for p in paths]
+    first = size(paths[0])
+    with ThreadPoolExecutor(min(PARALLEL_INFO, len(paths) - 1)) as pool:
+        return [first] + list(pool.map(size, paths[1:]))
+
+
+def _unreadable(path: str, exc: OSError) -> str:
+    """Why a shard cannot be read, naming its path or URL: missing (a file not there, a URL answered 'not found'),
+    else unreachable, with the fetch's last failure after its retries."""
+    if isinstance(exc, FetchError):
+        gone = isinstance(exc.cause, FileNotFoundError) and not remote_files.is_transient(exc.cause)
+        if not gone:
+            return f"{path} is unreachable: {exc.detail}"
+    return f"{path} is missing"
 
 
 def check_shards(ctx: Context) -> Check:
@@ -22,9 +67,9 @@ def check_shards(ctx: Context) -> Check:
     problems: list[tuple[str, str]] = []
     files = samples = 0
     seen: set[str] = set()
-    for where, spec in _sources(ctx):
+    for where, spec, fetch in _sources(ctx):
         try:
-            shards = ctx.shards(spec)
+            shards = ctx.shards(spec, fetch)
         except Unavailable as exc:
             problems.append(("FAIL", f"{where}: {exc}"))
             continue
@@ -32,15 +77,12 @@ def check_shards(ctx: Context) -> Check:
             continue
         seen.add(str(spec))
         bad, cut = [], []
-        for shard in shards:
-            try:
-                size = os.stat(shard.path).st_size
-            except OSError:
-                bad.append(f"{shard.path} is missing")
-                continue
-            if size == 0:
+        for shard, size in zip(shards, _sizes([s.path for s in shards], fetch)):
+            if isinstance(size, OSError):
+                bad.append(_unreadable(shard.path, size))
+            elif size == 0:
                 bad.append(f"{shard.path} is empty")
-            elif size % 512:
+            elif size is not None and size % 512:
                 cut.append(f"{shard.path} is truncated ({size} bytes, not whole tar blocks)")
         if bad:
             more = f" (+{len(bad) - 2} more)" if len(bad) > 2 else ""
@@ -63,7 +105,7 @@ def check_shard_count(ctx: Context) -> Check:
         slots = ctx.world_size * num_workers(stage)
         for source in stage.data:
             try:
-                count = len(ctx.shards(source.shards))
+                count = len(ctx.shards(source.shards, fetch_options(stage)))
             except Unavailable:
                 continue  # reported by the shards row
             lowest = count if lowest is None else min(lowest, count)

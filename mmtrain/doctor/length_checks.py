@@ -8,6 +8,8 @@ What is checked, per stage (slots = num_image_slots(model config), k = most imag
   `loader.truncate: false` the samples are dropped), and when max_length exceeds the LLM's max_position_embeddings.
 k comes from a probe (the first PROBE_SAMPLES samples of each source's first shard, counting `<image>` marks) and
 the manifest's per-shard image counts (ceil(images / samples) is a lower bound on the most images in a sample).
+A source named by URL is probed through the loader's fetch (the stage's `shard_*` options): its manifest is read and
+only its first shard is fetched, into the shard cache when one is set (where the loader then finds it).
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ from __future__ import annotations
 import json
 import math
 import tarfile
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+from mmtrain.data import remote_files
 from mmtrain.data.loader.image_token import IMAGE_TOKEN
+from mmtrain.data.loader.shard_plan import Shard
 from mmtrain.data.loader.templates import IGNORE_INDEX, Renderer, SampleDropped
-from mmtrain.doctor.context import Context, Unavailable, stage_label
+from mmtrain.data.remote_files import FetchOptions
+from mmtrain.doctor.context import Context, Unavailable, fetch_options, stage_label
 from mmtrain.doctor.report import Check, row
 from mmtrain.model import num_image_slots
 
@@ -36,22 +44,51 @@ class Probe:
     conversations: list[list[dict]] = field(default_factory=list)
 
 
-def _manifest_lower_bound(spec: str | list[str]) -> int:
-    """ceil(images / samples) over the train shards of the source's manifests (one DIR or a list of them)."""
+def _folder_and_name(path: str) -> tuple[str, str]:
+    """The shard set folder (local or URL) holding a shard, and the shard's file name."""
+    if remote_files.is_url(path):
+        return remote_files.parent(path), path.rstrip("/").rsplit("/", 1)[-1]
+    return str(Path(path).parent), Path(path).name
+
+
+def _manifest(folder: str, fetch: FetchOptions) -> dict:
+    """The parsed manifest.json of a shard set folder, read over `fetch` when the folder is a URL."""
+    if remote_files.is_url(folder):
+        return json.loads(remote_files.read_bytes(remote_files.join(folder, "manifest.json"), fetch))
+    return json.loads((Path(folder) / "manifest.json").read_bytes())
+
+
+def _manifest_lower_bound(shards: list[Shard], fetch: FetchOptions) -> int:
+    """ceil(images / samples) over the source's shards, from the manifest.json of each set they come from."""
+    names: dict[str, set[str]] = {}
+    for shard in shards:
+        folder, name = _folder_and_name(shard.path)
+        names.setdefault(folder, set()).add(name)
     bound = 0
-    for entry in [spec] if isinstance(spec, str) else spec:
-        path = Path(entry)
-        path = path / "manifest.json" if path.is_dir() else path
-        shards = json.loads(path.read_text(encoding="utf-8"))["splits"]["train"]["shards"]
-        bound = max([bound] + [math.ceil(s.get("images", 0) / s["samples"]) for s in shards if s.get("samples")])
+    for folder, wanted in names.items():
+        entries = _manifest(folder, fetch)["splits"]["train"]["shards"]
+        bound = max([bound] + [math.ceil(s.get("images", 0) / s["samples"]) for s in entries
+                               if s["name"] in wanted and s.get("samples")])
     return bound
 
 
-def probe_source(ctx: Context, spec: str | list[str]) -> Probe:
+@contextmanager
+def local_copy(path: str, fetch: FetchOptions) -> Iterator[str]:
+    """A local file holding shard `path`: the path itself, or for a URL the loader's fetch of it (kept in the shard
+    cache when one is set, else in a scratch folder removed on exit)."""
+    if not remote_files.is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mmtrain-doctor-") as scratch:
+        yield remote_files.fetch(path, fetch, lambda: scratch)[0]
+
+
+def probe_source(ctx: Context, spec: str | list[str], fetch: FetchOptions | None = None) -> Probe:
     """Most images per sample and a few conversations of one source (tar headers + small JSON members only)."""
-    shards = ctx.shards(spec)
-    probe = Probe(max_images=_manifest_lower_bound(spec))
-    with tarfile.open(shards[0].path) as tf:
+    fetch = fetch if fetch is not None else FetchOptions()
+    shards = ctx.shards(spec, fetch)
+    probe = Probe(max_images=_manifest_lower_bound(shards, fetch))
+    with local_copy(shards[0].path, fetch) as path, tarfile.open(path) as tf:
         for member in tf:
             if len(probe.conversations) >= PROBE_SAMPLES:
                 break
@@ -93,7 +130,7 @@ def check_sequence_length(ctx: Context) -> Check:
             key = str(source.shards)
             if key not in probes:
                 try:
-                    probes[key] = probe_source(ctx, source.shards)
+                    probes[key] = probe_source(ctx, source.shards, fetch_options(stage))
                 except (Unavailable, OSError, ValueError, KeyError, tarfile.TarError):
                     continue  # the shards row reports unreadable data
             probe = probes[key]

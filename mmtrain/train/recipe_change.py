@@ -35,6 +35,10 @@ FREE: dict[str, str] = {
     "stages.*.loader.transfer_samples": "how workers hand batches over; batches, order and cursor do not depend on it",
     "stages.*.loader.persistent_workers": "whether workers outlive an epoch; the batches are the same",
     "stages.*.loader.pin_workers": "which CPU core a worker runs on",
+    "stages.*.loader.shard_cache": "where fetched remote shards are kept; the same bytes are read",
+    "stages.*.loader.shard_retries": "how often a remote shard fetch is tried before it counts as unreachable",
+    "stages.*.loader.shard_backoff": "how long a remote shard fetch waits between tries",
+    "stages.*.loader.shard_timeout": "how long a remote shard fetch may stall before a try fails",
 }
 """Fields that do not alter training (`*`: any one key, e.g. a stage's index); a field listed covers its subfields."""
 
