@@ -9,7 +9,7 @@ costs only what a fast link costs: fetch + write + index, no latency).
   directory and on its URL, paired in each round. Yardstick: the local loader.
 
 Each figure is the median over the rounds, the rows taking turns within a round (this VM's speed drifts).
-Run alone: `python bench/tar_readers.py [--products 800] [--rounds 5]`; `bench/loader.py` runs it at its end.
+`bench/loader.py` runs it at its end, on its own shard set (`--reader-rounds N`).
 """
 
 from __future__ import annotations
@@ -107,30 +107,3 @@ def compare(shards: Path, tok, rounds: int = 5, batch_size: int = 8) -> None:
         print(f"{name:<48}{mid:>10.1f}{mid / yard[kind]:>8.2f}  "
               f"{'webdataset, local files' if kind == 'read' else 'mmtrain loader, local files'}"
               f"  (rounds: {', '.join(f'{v:.0f}' for v in values)})")
-
-
-def main() -> None:
-    import argparse
-    import sys
-    import tempfile
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from loader import build_shards  # the loader bench's shard set (bench/ is not a package)
-
-    from mmtrain.data.loader.tokenizer import iter_shard_texts, load_tokenizer, train_tokenizer
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--products", type=int, default=800)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mmtrain-bench-"))
-    if not (work / "shards" / "manifest.json").is_file():
-        build_shards(args.products, work / "shards")
-    if not (work / "tok").is_dir():
-        train_tokenizer(iter_shard_texts(work / "shards"), 4000, work / "tok")
-    compare(work / "shards", load_tokenizer(work / "tok"), args.rounds)
-
-
-if __name__ == "__main__":
-    main()
