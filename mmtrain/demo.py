@@ -235,7 +235,9 @@ def evaluate_demo(model_dir: Path, shards: Path, out: Path, limit: int | None = 
     print(format_table(model, baseline, blank))
     return {"split_products": split_products(shards), "eval_limit": limit,
             "headline": headline_rows({"model": model, "blank_images": blank, "majority": baseline}),
-            "validation": headline_rows({"model": validation}), "metrics": str(out / "metrics.json")}
+            "validation": headline_rows({"model": validation}), "attributes": model.get("attributes"),
+            "caption": {k: model.get("caption", {}).get(k) for k in ("n", "bleu", "rouge_l")},
+            "metrics": str(out / "metrics.json")}
 
 
 def write_pictures(out: Path) -> list[str]:

@@ -52,6 +52,10 @@ def test_quick_demo_trains_exports_and_reports_test_figures(tmp_path: Path) -> N
         assert row["se"] == pytest.approx(math.sqrt(row["model"] * (1 - row["model"]) / row["n"])), label
     metrics = json.loads(Path(quality["metrics"]).read_text())
     assert set(metrics) >= {"model", "blank_images", "majority", "validation"}
+    assert quality["attributes"] == metrics["model"]["attributes"]  # per attribute P / R / F1, micro and macro
+    assert set(quality["attributes"]["micro"]) == set(quality["attributes"]["macro"]) == {"precision", "recall", "f1"}
+    assert quality["caption"] == {k: metrics["model"]["caption"][k] for k in ("n", "bleu", "rouge_l")}
+    assert quality["caption"]["n"] > 0 and 0 <= quality["caption"]["bleu"] <= 1  # sacrebleu's, divided by 100
     per_attribute = metrics["model"]["attributes"]["per_attribute"]
     assert set(per_attribute["colour"]) == {"precision", "recall", "f1", "support"}
     assert per_attribute["colour"]["support"] == quality["headline"]["colour (attribute extraction F1)"]["n"]
