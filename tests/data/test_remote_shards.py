@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from loader_fixtures import tiny_tokenizer, write_shard_set
+from local_s3 import free_port, moto_s3
 from test_stream import all_keys, assert_same_batches, config
 
 from mmtrain.cli import main
@@ -44,12 +45,6 @@ def run_ranks(cfg, world: int = 2) -> dict[int, list[dict]]:
         out[rank] = list(loader)
         loader.close()
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FileHandler(SimpleHTTPRequestHandler):
@@ -121,24 +116,8 @@ def http_root(local: Path):
 @pytest.fixture(scope="module")
 def s3(local: Path):
     """A moto S3 server holding the local set at s3://BUCKET/set, reached through AWS_ENDPOINT_URL as botocore does."""
-    from moto.server import ThreadedMotoServer  # test-only server
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            mp.setenv(name, value)
-        mp.delenv(CACHE_ENV, raising=False)
-        import boto3
-
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        for path in sorted(local.iterdir()):
-            client.upload_file(str(path), BUCKET, f"set/{path.name}")
-        yield {"client": client, "port": port}
-    server.stop()
+    with pytest.MonkeyPatch.context() as mp, moto_s3(mp, BUCKET, {"set": local}) as server:
+        yield server
 
 
 def test_s3_and_http_give_the_local_batches_in_the_same_order(local, http_root, s3):

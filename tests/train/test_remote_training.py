@@ -4,50 +4,28 @@ the local copy; and the `shard_*` fetch knobs may change on --resume without --a
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+from local_s3 import moto_s3
+from train_helpers import metrics, stage, write_recipe
 
 from mmtrain.config import recipe_from_dict
-from mmtrain.data.remote_files import CACHE_ENV, cache_name
+from mmtrain.data.remote_files import cache_name
 from mmtrain.launching import run_ranks
 from mmtrain.train.checkpoint import mark_complete
 from mmtrain.train.recipe_change import check_resume
 
-from train_helpers import metrics, stage, write_recipe
-
 BUCKET = "mmtrain-train"
 FETCH = {"shard_retries": 2, "shard_backoff": 0.05, "shard_timeout": 20.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def s3_set(tiny_data: dict[str, Path], monkeypatch):
     """s3://BUCKET/mm: a copy of the tiny `mm` set on a moto server in this process; the AWS variables it is reached
     by are set here, so the rank processes inherit them."""
-    from moto.server import ThreadedMotoServer  # test-only server
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv(CACHE_ENV, raising=False)
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    for path in sorted(tiny_data["mm"].iterdir()):
-        client.upload_file(str(path), BUCKET, f"mm/{path.name}")
-    yield f"s3://{BUCKET}/mm"
-    server.stop()
+    with moto_s3(monkeypatch, BUCKET, {"mm": tiny_data["mm"]}):
+        yield f"s3://{BUCKET}/mm"
 
 
 def test_a_run_on_s3_shards_trains_the_local_runs_losses(tiny_data, s3_set, tmp_path: Path) -> None:
